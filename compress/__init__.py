@@ -1,0 +1,1 @@
+"""edge_ssl.compress: SSL distillation, structured pruning and quantization of encoders."""

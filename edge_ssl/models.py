@@ -1,0 +1,498 @@
+"""Encoder registry and factory: timm backbones plus CIFAR-size variants, rebuilt from an EncoderSpec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edge_ssl.errors import CheckpointError, ConfigError
+from edge_ssl.lazy import require
+from edge_ssl.registry import Registry, did_you_mean
+from edge_ssl.spec import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, InputSpec
+
+#: Channel counts are rounded to this multiple: TensorRT picks faster kernels for them.
+CHANNEL_DIVISOR = 8
+#: The keyword arguments every encoder accepts.
+ENCODER_KWARGS = ("width", "image_size")
+MAX_WIDTH = 4.0
+
+
+class Encoder(nn.Module):
+    """A timm backbone (``num_classes=0``, globally pooled) and the spec that rebuilds it.
+
+    ``forward``: float (N, 3, H, W), normalized as ``spec.input`` says -> (N, spec.embed_dim).
+    State-dict keys are ``"backbone.<timm key>"``.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: EncoderSpec) -> None:
+        super().__init__()
+        if not isinstance(spec, EncoderSpec):
+            raise ConfigError(f"Encoder needs an EncoderSpec, got {type(spec).__name__}.")
+        self.backbone = backbone
+        self.spec = spec
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """One row of ``edge-ssl encoders``."""
+
+    name: str
+    timm_name: str
+    description: str
+    input_size: int
+    family: str  # "cnn" | "vit"
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered encoder: its info and ``build(width, image_size) -> timm backbone``."""
+
+    info: EncoderInfo
+    build: Callable[[float, int], nn.Module]
+    cifar: bool
+    min_size: int
+    patch_size: int = 0  # ViTs: image_size must be a multiple of it
+
+
+ENCODERS: Registry[EncoderEntry] = Registry("encoder")
+
+
+def _register(
+    name: str,
+    timm_name: str,
+    description: str,
+    *,
+    family: str = "cnn",
+    cifar: bool = False,
+    patch_size: int = 0,
+) -> Callable[[Callable[[float, int], nn.Module]], Callable[[float, int], nn.Module]]:
+    def decorator(build: Callable[[float, int], nn.Module]) -> Callable[[float, int], nn.Module]:
+        input_size = 32 if cifar else 224
+        if patch_size:
+            min_size = patch_size
+        else:
+            # ImageNet stems downsample 32x; CIFAR stems keep 32x32 inputs at >= 4x4 at the end.
+            min_size = 8 if cifar else 32
+        info = EncoderInfo(name, timm_name, description, input_size, family)
+        ENCODERS.register(name)(EncoderEntry(info, build, cifar, min_size, patch_size))
+        return build
+
+    return decorator
+
+
+def round_channels(channels: float, divisor: int = CHANNEL_DIVISOR) -> int:
+    """Nearest multiple of ``divisor`` (at least ``divisor``, never more than 10% below)."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * channels:
+        rounded += divisor
+    return rounded
+
+
+# --- ResNet ---------------------------------------------------------------------------------
+
+
+def _resnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
+    timm = require("timm", "encoders")
+    from timm.models.resnet import make_blocks
+
+    channels = tuple(round_channels(c * width) for c in (64, 128, 256, 512))
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, channels=channels)
+    stem = channels[0]
+    narrowed = stem != model.conv1.out_channels
+    if narrowed:
+        # timm's plain stem is always 64 wide; narrow it with the stages so small students stay small.
+        block = type(model.layer1[0])
+        layers = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+        stages, _ = make_blocks(
+            (block,) * 4,
+            channels,
+            layers,
+            stem,
+            act_layer=nn.ReLU,
+            norm_layer=nn.BatchNorm2d,
+        )
+        for stage_name, stage in stages:
+            setattr(model, stage_name, stage)
+        model.bn1 = nn.BatchNorm2d(stem)
+    if cifar:
+        # The CIFAR ResNet of the SSL literature: 3x3 stride-1 stem, no max-pool (32x32 -> 4x4).
+        model.conv1 = nn.Conv2d(3, stem, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        model.feature_info = [
+            dict(info, reduction=max(1, info["reduction"] // 4)) for info in model.feature_info
+        ]
+    elif narrowed:
+        model.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.feature_info[0] = dict(model.feature_info[0], num_chs=stem)
+    model.init_weights(zero_init_last=True)
+    return model
+
+
+@_register("resnet18", "resnet18", "ResNet-18 (11.2M params at width 1), ImageNet stem")
+def _resnet18(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet18", width, cifar=False)
+
+
+@_register("resnet34", "resnet34", "ResNet-34 (21.3M params at width 1), ImageNet stem")
+def _resnet34(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet34", width, cifar=False)
+
+
+@_register("resnet50", "resnet50", "ResNet-50 (23.5M params at width 1), ImageNet stem")
+def _resnet50(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet50", width, cifar=False)
+
+
+@_register(
+    "resnet18_cifar",
+    "resnet18",
+    "ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32",
+    cifar=True,
+)
+def _resnet18_cifar(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet18", width, cifar=True)
+
+
+@_register(
+    "resnet34_cifar",
+    "resnet34",
+    "ResNet-34 with a 3x3 stride-1 stem and no max-pool, for 32x32",
+    cifar=True,
+)
+def _resnet34_cifar(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet34", width, cifar=True)
+
+
+@_register(
+    "resnet50_cifar",
+    "resnet50",
+    "ResNet-50 with a 3x3 stride-1 stem and no max-pool, for 32x32",
+    cifar=True,
+)
+def _resnet50_cifar(width: float, image_size: int) -> nn.Module:
+    return _resnet("resnet50", width, cifar=True)
+
+
+# --- MobileNetV3 / EfficientNet -------------------------------------------------------------
+
+
+def _stem_stride_one(model: nn.Module) -> nn.Module:
+    """Make the 3x3 stride-2 ``conv_stem`` stride 1 (same weights), so 32x32 inputs keep detail."""
+    old = model.conv_stem
+    new = nn.Conv2d(
+        old.in_channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=1,
+        padding=1,
+        bias=old.bias is not None,
+    )
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    model.conv_stem = new
+    return model
+
+
+def _mobilenetv3(timm_name: str, width: float, cifar: bool) -> nn.Module:
+    require("timm", "encoders")
+    # The registered timm entry points fix the multiplier; the generator takes it as an argument.
+    from timm.models.mobilenetv3 import _gen_mobilenet_v3
+
+    model = _gen_mobilenet_v3(timm_name, width, pretrained=False, num_classes=0)
+    return _stem_stride_one(model) if cifar else model
+
+
+def _efficientnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
+    require("timm", "encoders")
+    from timm.models.efficientnet import _gen_efficientnet
+
+    model = _gen_efficientnet(
+        timm_name, channel_multiplier=width, depth_multiplier=1.0, pretrained=False, num_classes=0
+    )
+    return _stem_stride_one(model) if cifar else model
+
+
+@_register("mobilenetv3_small", "mobilenetv3_small_100", "MobileNetV3-Small 1.0 (1024-d head)")
+def _mobilenetv3_small(width: float, image_size: int) -> nn.Module:
+    return _mobilenetv3("mobilenetv3_small_100", width, cifar=False)
+
+
+@_register("mobilenetv3_large", "mobilenetv3_large_100", "MobileNetV3-Large 1.0 (1280-d head)")
+def _mobilenetv3_large(width: float, image_size: int) -> nn.Module:
+    return _mobilenetv3("mobilenetv3_large_100", width, cifar=False)
+
+
+@_register(
+    "mobilenetv3_small_cifar",
+    "mobilenetv3_small_100",
+    "MobileNetV3-Small with a stride-1 stem, for 32x32",
+    cifar=True,
+)
+def _mobilenetv3_small_cifar(width: float, image_size: int) -> nn.Module:
+    return _mobilenetv3("mobilenetv3_small_100", width, cifar=True)
+
+
+@_register(
+    "mobilenetv3_large_cifar",
+    "mobilenetv3_large_100",
+    "MobileNetV3-Large with a stride-1 stem, for 32x32",
+    cifar=True,
+)
+def _mobilenetv3_large_cifar(width: float, image_size: int) -> nn.Module:
+    return _mobilenetv3("mobilenetv3_large_100", width, cifar=True)
+
+
+@_register("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (1280-d)")
+def _efficientnet_b0(width: float, image_size: int) -> nn.Module:
+    return _efficientnet("efficientnet_b0", width, cifar=False)
+
+
+@_register(
+    "efficientnet_b0_cifar",
+    "efficientnet_b0",
+    "EfficientNet-B0 with a stride-1 stem, for 32x32",
+    cifar=True,
+)
+def _efficientnet_b0_cifar(width: float, image_size: int) -> nn.Module:
+    return _efficientnet("efficientnet_b0", width, cifar=True)
+
+
+# --- ConvNeXt V2 / RegNet -------------------------------------------------------------------
+
+
+@_register("convnextv2_atto", "convnextv2_atto", "ConvNeXt V2 Atto (3.4M params, 320-d)")
+def _convnextv2_atto(width: float, image_size: int) -> nn.Module:
+    timm = require("timm", "encoders")
+    dims = tuple(round_channels(d * width) for d in (40, 80, 160, 320))
+    return timm.create_model("convnextv2_atto", pretrained=False, num_classes=0, dims=dims)
+
+
+def _regnet(timm_name: str, width: float, w0: int, wa: float) -> nn.Module:
+    timm = require("timm", "encoders")
+    new_w0 = round_channels(w0 * width)
+    # Scaling the slope with w0 keeps the per-block width ratios, so the stage layout is unchanged.
+    return timm.create_model(
+        timm_name,
+        pretrained=False,
+        num_classes=0,
+        w0=new_w0,
+        wa=wa * new_w0 / w0,
+        stem_width=round_channels(32 * width),
+    )
+
+
+@_register("regnetx_002", "regnetx_002", "RegNetX-200MF (368-d)")
+def _regnetx_002(width: float, image_size: int) -> nn.Module:
+    return _regnet("regnetx_002", width, w0=24, wa=36.44)
+
+
+@_register("regnety_002", "regnety_002", "RegNetY-200MF with squeeze-excite (368-d)")
+def _regnety_002(width: float, image_size: int) -> nn.Module:
+    return _regnet("regnety_002", width, w0=24, wa=36.44)
+
+
+# --- ViT ------------------------------------------------------------------------------------
+
+
+def _vit(
+    timm_name: str, width: float, image_size: int, embed_dim: int, num_heads: int, **extra: Any
+) -> nn.Module:
+    timm = require("timm", "encoders")
+    # Every head keeps the same dim and the total stays a multiple of 8.
+    step = math.lcm(CHANNEL_DIVISOR, num_heads)
+    dim = max(step, round(embed_dim * width / step) * step)
+    return timm.create_model(
+        timm_name, pretrained=False, num_classes=0, img_size=image_size, embed_dim=dim, **extra
+    )
+
+
+@_register(
+    "vit_tiny",
+    "vit_tiny_patch16_224",
+    "ViT-Ti/16 (192-d, 3 heads); CLS token",
+    family="vit",
+    patch_size=16,
+)
+def _vit_tiny(width: float, image_size: int) -> nn.Module:
+    return _vit("vit_tiny_patch16_224", width, image_size, embed_dim=192, num_heads=3)
+
+
+@_register(
+    "vit_small",
+    "vit_small_patch16_224",
+    "ViT-S/16 (384-d, 6 heads); CLS token",
+    family="vit",
+    patch_size=16,
+)
+def _vit_small(width: float, image_size: int) -> nn.Module:
+    return _vit("vit_small_patch16_224", width, image_size, embed_dim=384, num_heads=6)
+
+
+@_register(
+    "vit_tiny_cifar",
+    "vit_tiny_patch16_224",
+    "ViT-Ti with 4x4 patches for 32x32 (64 tokens)",
+    family="vit",
+    cifar=True,
+    patch_size=4,
+)
+def _vit_tiny_cifar(width: float, image_size: int) -> nn.Module:
+    return _vit("vit_tiny_patch16_224", width, image_size, embed_dim=192, num_heads=3, patch_size=4)
+
+
+# --- factory --------------------------------------------------------------------------------
+
+
+def encoder_names() -> list[str]:
+    """Sorted names accepted by :func:`create_encoder`."""
+    return ENCODERS.names()
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    """The registry row for ``name``; unknown names raise ConfigError with a hint."""
+    return ENCODERS.get(name).info
+
+
+def _check_kwargs(entry: EncoderEntry, kwargs: Mapping[str, Any]) -> tuple[float, int]:
+    name = entry.info.name
+    for key in kwargs:
+        if key not in ENCODER_KWARGS:
+            weights = (
+                " edge-ssl never downloads weights; load them with import_checkpoint "
+                "(`edge-ssl import`)."
+                if key == "pretrained"
+                else ""
+            )
+            raise ConfigError(
+                f"encoder {name!r} got an unknown argument {key!r}.{did_you_mean(key, ENCODER_KWARGS)} "
+                f"Allowed arguments: {', '.join(ENCODER_KWARGS)}.{weights}"
+            )
+    width = kwargs.get("width", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= MAX_WIDTH:
+        raise ConfigError(
+            f"encoder {name!r}: width must be a number in (0, {MAX_WIDTH}], got {width!r}. "
+            "Use e.g. width=0.5 for a half-width student."
+        )
+    image_size = kwargs.get("image_size", entry.info.input_size)
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or image_size < entry.min_size
+    ):
+        raise ConfigError(
+            f"encoder {name!r}: image_size must be an int >= {entry.min_size}, got {image_size!r}."
+        )
+    if entry.patch_size and image_size % entry.patch_size:
+        lower = image_size // entry.patch_size * entry.patch_size
+        raise ConfigError(
+            f"encoder {name!r}: image_size must be a multiple of the patch size "
+            f"{entry.patch_size}, got {image_size}. Try {lower} or {lower + entry.patch_size}."
+        )
+    return float(width), image_size
+
+
+def _input_spec(entry: EncoderEntry, backbone: nn.Module, image_size: int) -> InputSpec:
+    if entry.cifar:
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    else:
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return InputSpec(shape=(3, image_size, image_size), mean=mean, std=std)
+
+
+def embedding_dim(backbone: nn.Module) -> int:
+    """Width of the pooled output of a timm backbone built with ``num_classes=0``."""
+    # MobileNetV3 has a conv head after pooling: its output is head_hidden_size, not num_features.
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+def create_encoder(name: str, **kwargs: Any) -> Encoder:
+    """Build a randomly initialized encoder (never downloads weights).
+
+    ``width`` (float, default 1.0) scales every channel count, rounded to multiples of 8;
+    ``image_size`` (int, default 32 for ``*_cifar``, 224 otherwise) fixes the input shape.
+    The returned spec records exactly the kwargs given, so ``build_from_spec`` rebuilds it.
+    """
+    entry = ENCODERS.get(name)
+    width, image_size = _check_kwargs(entry, kwargs)
+    backbone = entry.build(width, image_size)
+    spec = EncoderSpec(
+        arch=name,
+        input=_input_spec(entry, backbone, image_size),
+        embed_dim=embedding_dim(backbone),
+        kwargs=dict(kwargs),
+    )
+    return Encoder(backbone, spec)
+
+
+def build_from_spec(spec: EncoderSpec) -> Encoder:
+    """Rebuild the (randomly initialized) encoder a spec describes; the spec's metadata is kept."""
+    encoder = create_encoder(spec.arch, **spec.kwargs)
+    built = encoder.spec
+    if built.embed_dim != spec.embed_dim or built.input.shape != spec.input.shape:
+        raise ConfigError(
+            f"encoder spec for {spec.arch!r} with kwargs {dict(spec.kwargs)} says embed_dim="
+            f"{spec.embed_dim}, input {spec.input.shape}, but this edge-ssl builds embed_dim="
+            f"{built.embed_dim}, input {built.input.shape}. The spec was written by an edge-ssl "
+            "or timm version with a different architecture; rebuild it with that version."
+        )
+    return Encoder(encoder.backbone, spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat ``name -> tensor`` state dict from ``.pt`` (weights_only) or ``.safetensors``."""
+    from edge_ssl.checkpoint import read_checkpoint
+
+    state = read_checkpoint(path)
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected a state_dict (names -> tensors) but entry {key!r} holds a "
+                f"{type(value).__name__}. Save model.state_dict() itself, not a training checkpoint; "
+                "`edge-ssl import` reads training checkpoints."
+            )
+    return state
+
+
+def load_encoder(bundle: Any) -> Encoder:
+    """Rebuild a bundle's encoder from its manifest spec and load its weights (eval mode).
+
+    ``bundle`` is an ``edge_ssl.bundle.Bundle`` or a bundle directory (opened and verified).
+    """
+    from edge_ssl.bundle import WEIGHTS_NAME, Bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    name = (
+        "model.safetensors"
+        if not bundle.has(WEIGHTS_NAME) and bundle.has("model.safetensors")
+        else WEIGHTS_NAME
+    )
+    path = bundle.file(name)
+    encoder = build_from_spec(bundle.manifest.encoder)
+    state = load_state_dict_file(path)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the manifest's encoder "
+            f"{bundle.manifest.encoder.arch!r} {dict(bundle.manifest.encoder.kwargs)} ({exc}). "
+            "The bundle was written inconsistently; re-export it from its parent bundle."
+        ) from exc
+    return encoder.eval()

@@ -1,0 +1,77 @@
+"""Cosine schedule with warm-up, linear LR scaling, LARS and the optimizer factory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edge_ssl.errors import ConfigError
+from edge_ssl.optim import LARS, build_optimizer, cosine_with_warmup, scaled_lr
+
+
+def test_cosine_with_warmup_shape():
+    values = [cosine_with_warmup(s, 100, 10, base=1.0, final=0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1)  # (0 + 1) / 10 of base
+    assert values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    mid = 10 + 45
+    assert values[mid] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_cosine_without_warmup_and_bad_total():
+    assert cosine_with_warmup(0, 10, 0, base=2.0) == pytest.approx(2.0)
+    with pytest.raises(ConfigError):
+        cosine_with_warmup(0, 0, 0, base=1.0)
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.3, 512) == pytest.approx(0.6)
+
+
+def _numpy_lars_step(w, g, lr, wd, eta):
+    """LARS per You et al. 2017, Alg. 1 with zero momentum buffer at step one."""
+    update = g + wd * w
+    trust = eta * torch.linalg.vector_norm(w) / torch.linalg.vector_norm(update)
+    return w - lr * trust * update
+
+
+def test_lars_matches_the_paper_update_and_skips_excluded_groups():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=0.5, weight_decay=1e-4, eta=0.02,
+    )
+    (w.sum() * 2 + (b * b).sum()).backward()
+    grad_w, grad_b = w.grad.clone(), b.grad.clone()
+    opt.step()
+    assert torch.allclose(w.detach(), _numpy_lars_step(w0, grad_w, 0.5, 1e-4, 0.02), atol=1e-6)
+    assert torch.allclose(b.detach(), b0 - 0.5 * grad_b, atol=1e-6)
+
+
+def test_lars_rejects_bad_settings():
+    with pytest.raises(ConfigError, match="LARS needs"):
+        LARS([torch.zeros(1, requires_grad=True)], lr=-1)
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw", "sgd"])
+def test_build_optimizer_keeps_no_decay_groups(name):
+    decay = torch.nn.Parameter(torch.ones(3, 3))
+    no_decay = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(
+        name, [{"params": [decay]}, {"params": [no_decay], "weight_decay": 0.0}], lr=0.1, weight_decay=0.05
+    )
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    if name == "lars":
+        assert [g["lars_exclude"] for g in opt.param_groups] == [False, True]
+
+
+def test_build_optimizer_unknown_name_hints():
+    with pytest.raises(ConfigError, match="Did you mean 'adamw'"):
+        build_optimizer("adamw2", [{"params": [torch.nn.Parameter(torch.ones(1))]}], 0.1, 0.0)

@@ -1,0 +1,132 @@
+"""Pretraining: a bundle that rebuilds the model, resume after a stop, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ssl.bundle import Bundle
+from edge_ssl.data import ImageDataset
+from edge_ssl.errors import CheckpointError, ConfigError, DataError, TrainingError
+from edge_ssl.models import load_encoder
+from edge_ssl.pretrain import PretrainConfig, checkpoint_dir, pretrain
+
+TINY = {"arch": "resnet18_cifar", "arch_kwargs": {"width": 0.125}, "batch_size": 8, "warmup_epochs": 0.0}
+
+
+def _data(n: int = 32) -> ImageDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    return ImageDataset(images=images, labels=None, class_names=None, source="random")
+
+
+def _embed(encoder, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return encoder.eval()(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_pretrain_writes_a_bundle_that_rebuilds_the_encoder(tmp_path, method):
+    config = PretrainConfig(method=method, epochs=1, steps_per_epoch=2, **TINY)
+    events = []
+    result = pretrain(config, _data(), tmp_path / "t.edge", progress=events.append)
+    assert [e.step for e in events] == [1, 2] and all(np.isfinite(e.loss) for e in events)
+    bundle = Bundle.open(tmp_path / "t.edge")
+    assert result.bundle.manifest_sha256 == bundle.manifest_sha256
+    entry = bundle.manifest.lineage[-1]
+    assert entry.stage == "pretrain" and entry.settings["method"] == method
+    assert bundle.manifest.metrics["params"] > 0
+    rebuilt = load_encoder(bundle)
+    torch.testing.assert_close(_embed(rebuilt), _embed(result.encoder))
+
+
+def test_resume_after_a_stop_continues_where_it_left(tmp_path):
+    out = tmp_path / "t.edge"
+    config = PretrainConfig(method="simclr", epochs=2, steps_per_epoch=2, **TINY)
+
+    def stop_in_epoch_two(event):
+        if event.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, _data(), out, progress=stop_in_epoch_two)
+    assert not out.exists(), "no bundle before the run finishes"
+    assert (checkpoint_dir(out) / "last.pt").is_file()
+    resumed = pretrain(config, _data(), out, resume=True)
+    assert resumed.epochs_run == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
+    assert Bundle.open(out).manifest.lineage[-1].settings["epochs"] == 2
+
+
+def test_resume_refuses_other_settings_or_data(tmp_path):
+    out = tmp_path / "t.edge"
+    pretrain(PretrainConfig(method="simclr", epochs=1, steps_per_epoch=1, **TINY), _data(), out)
+    other = PretrainConfig(method="byol", epochs=2, steps_per_epoch=1, **TINY)
+    with pytest.raises(CheckpointError, match="different settings.*method"):
+        pretrain(other, _data(), out, resume=True)
+    same = PretrainConfig(method="simclr", epochs=2, steps_per_epoch=1, **TINY)
+    with pytest.raises(CheckpointError, match="different settings"):
+        pretrain(same, _data(48), out, resume=True)
+    with pytest.raises(ConfigError, match="already finished 1 epochs"):
+        pretrain(PretrainConfig(method="simclr", epochs=1, steps_per_epoch=1, **TINY), _data(), out, resume=True)
+
+
+def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=1, **TINY)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pretrain(config, _data(), tmp_path / "t.edge", resume=True)
+    ckpt = checkpoint_dir(tmp_path / "t.edge") / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        pretrain(config, _data(), tmp_path / "t.edge", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import edge_ssl.methods as methods
+
+    real_create = methods.create_method
+    calls = {"n": 0}
+
+    def poisoned(name, encoder, **kwargs):
+        method = real_create(name, encoder, **kwargs)
+        forward = method.forward
+
+        def nan_in_epoch_two(views):
+            loss, logs = forward(views)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] > 2 else loss), logs
+
+        method.forward = nan_in_epoch_two
+        return method
+
+    monkeypatch.setattr(methods, "create_method", poisoned)
+    out = tmp_path / "t.edge"
+    config = PretrainConfig(method="simclr", epochs=3, steps_per_epoch=2, **TINY)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 1.*last good checkpoint"):
+        pretrain(config, _data(), out)
+    state = torch.load(checkpoint_dir(out) / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert not out.exists()
+
+
+def test_too_little_data_and_bad_config(tmp_path):
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        pretrain(PretrainConfig(method="simclr", epochs=1, **TINY), _data(4), tmp_path / "t.edge")
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        PretrainConfig(epochs=2, warmup_epochs=5)
+    with pytest.raises(ConfigError, match="Did you mean 'lars'"):
+        PretrainConfig(optimizer="lasr")
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        PretrainConfig.from_dict({"epoch": 1})
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "t.edge"
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=1, **TINY)
+    pretrain(config, _data(), out)
+    before = Bundle.open(out).manifest_sha256
+    with pytest.raises(ConfigError, match="already exists"):
+        pretrain(config, _data(), out)
+    assert Bundle.open(out).manifest_sha256 == before
