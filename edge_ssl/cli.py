@@ -116,6 +116,7 @@ def pretrain(
         seed=seed,
         steps_per_epoch=steps_per_epoch,
     )
+    config.check_names()
     dataset = load_images(_data_source(data), split="train", limit=limit)
     console = _console()
     console.print(f"data: {dataset.source}" + (f" ({dataset.skipped} non-image files skipped)" if dataset.skipped else ""))
@@ -143,7 +144,13 @@ class _TrainingProgress:
     """A rich progress bar fed by pretrain's ProgressEvent callback."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"),

@@ -77,6 +77,14 @@ class PretrainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> PretrainConfig:
         return config_from_dict(cls, values)
 
+    def check_names(self) -> None:
+        """Fail fast on an unknown method or encoder, before any data is loaded."""
+        from edge_ssl.methods import METHODS
+        from edge_ssl.models import ENCODERS
+
+        METHODS.get(self.method)
+        ENCODERS.get(self.arch)
+
 
 @dataclass(frozen=True)
 class ProgressEvent:

@@ -33,3 +33,27 @@ def tiny_spec() -> EncoderSpec:
         input=InputSpec(shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD),
         embed_dim=128,
     )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip hardware-marked tests with a reason that says exactly what is missing."""
+    from edge_ssl.devices.detect import detect_jetson
+
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="gpu: torch.cuda.is_available() is False on this machine")
+        for item in gpu_items:
+            item.add_marker(skip)
+    jetson_items = [item for item in items if "jetson" in item.keywords]
+    if jetson_items and detect_jetson() is None:
+        skip = pytest.mark.skip(
+            reason="jetson: not an NVIDIA Jetson (/proc/device-tree/model and /etc/nv_tegra_release)"
+        )
+        for item in jetson_items:
+            item.add_marker(skip)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from edge_ssl.devices.detect import detect_jetson, jetpack_for_l4t, parse_tegra_release
 
 # Recorded from real devices (JetPack 6.0 AGX Orin, JetPack 5.1.2 Orin Nano, JetPack 4.6 Nano).
