@@ -130,3 +130,38 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         pretrain(config, _data(), out)
     assert Bundle.open(out).manifest_sha256 == before
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """A real kill -9 mid-run: the atomic checkpoint survives and --resume finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=_data(32).images)
+    out = tmp_path / "k.edge"
+    common = ["--method", "simclr", "--arch", "resnet18_cifar", "--arch-opt", "width=0.125",
+              "--batch-size", "8", "--warmup-epochs", "0", "--data", str(data), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "edge_ssl", "pretrain", "--epochs", "1000", *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = checkpoint_dir(out) / "last.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    assert not out.exists()
+    done = int(torch.load(ckpt, weights_only=True)["epoch"])
+    resumed = subprocess.run(
+        [sys.executable, "-m", "edge_ssl", "pretrain", "--epochs", str(done + 1), "--resume", "--json", *common],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    settings = Bundle.open(out).manifest.lineage[-1].settings
+    assert settings["epochs"] == done + 1
+    state = torch.load(ckpt, weights_only=True)
+    assert [h["epoch"] for h in state["history"]] == list(range(1, done + 2))
