@@ -166,7 +166,8 @@ def _resolve_device(requested: str, dist: _Dist) -> Any:
     return torch.device(requested)
 
 
-def _amp_dtype(mode: str, device: Any) -> Any:
+def amp_dtype(mode: str, device: Any) -> Any:
+    """The autocast dtype for ``mode`` on ``device``, or None for full precision."""
     import torch
 
     if device.type != "cuda" or mode == "off":
@@ -251,8 +252,8 @@ def pretrain(
     optimizer = build_optimizer(
         optimizer_name, method.parameter_groups(weight_decay), base_lr, weight_decay
     )
-    amp_dtype = _amp_dtype(config.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    autocast_dtype = amp_dtype(config.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     model: torch.nn.Module = method
     if dist_info.enabled:
@@ -316,7 +317,9 @@ def pretrain(
             index = np.sort(order[start : start + config.batch_size])
             batch = images_to_tensor(data.images[index], device)
             batch_views = views(batch)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
                 loss, _logs = model(batch_views)
             loss_value = _global_mean(loss.detach().float(), dist_info)
             if not np.isfinite(loss_value):
