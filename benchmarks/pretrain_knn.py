@@ -10,10 +10,11 @@ Prints JSON with both accuracies and their ratio; numbers are only compared with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -90,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": describe_environment(),
         "command": " ".join(["python", "benchmarks/pretrain_knn.py", *(argv or sys.argv[1:])]),
     }
-    text = json.dumps(report, indent=2, sort_keys=True)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(report, args.json_out)
     return 0
 
 

@@ -10,10 +10,11 @@ across machines; only the ratios inside one JSON mean anything.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from report import emit
 
 
 def measure(method: str, arch: str, width: float, batch: int, steps: int, amp: str, device: str) -> float:
@@ -94,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "environment": describe_environment(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(report, args.json_out)
     return 0
 
 
