@@ -226,8 +226,7 @@ def pretrain(
     ) else "cpu"
     dist_info = _init_distributed(device_kind)
     device = _resolve_device(config.device, dist_info)
-    torch.manual_seed(config.seed + dist_info.rank)
-    np_rng_seed = config.seed
+    torch.manual_seed(config.seed)  # same initial weights on every rank
 
     encoder = create_encoder(config.arch, **config.arch_kwargs)
     method = create_method(config.method, encoder, **config.method_kwargs).to(device)
@@ -303,7 +302,10 @@ def pretrain(
     images_seen, train_seconds, last_loss = 0, 0.0, float("nan")
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        order = np.random.default_rng(np_rng_seed + epoch).permutation(len(data))
+        # Seeded per epoch (and per rank for the views), so a resumed run draws exactly
+        # the batches and augmentations the uninterrupted run would have.
+        torch.manual_seed(config.seed + 1000 * epoch + dist_info.rank)
+        order = np.random.default_rng(config.seed + epoch).permutation(len(data))
         epoch_losses = []
         epoch_start = time.perf_counter()
         for step in range(steps_per_epoch):

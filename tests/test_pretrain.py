@@ -57,6 +57,8 @@ def test_resume_after_a_stop_continues_where_it_left(tmp_path):
     resumed = pretrain(config, _data(), out, resume=True)
     assert resumed.epochs_run == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
     assert Bundle.open(out).manifest.lineage[-1].settings["epochs"] == 2
+    uninterrupted = pretrain(config, _data(), tmp_path / "straight.edge")
+    torch.testing.assert_close(_embed(resumed.encoder), _embed(uninterrupted.encoder))
 
 
 def test_resume_refuses_other_settings_or_data(tmp_path):
