@@ -254,9 +254,10 @@ def eval_(
     config = EvalConfig(
         knn_k=tuple(k) if k else EvalConfig.knn_k, probe=probe, device=device, batch_size=batch_size
     )
-    result, path = evaluate_bundle(
-        bundle, _data_source(data), _data_source(test_data), config, limit=limit
-    )
+    with _console().status(f"evaluating {bundle.name} (embedding, kNN, probe)..."):
+        result, path = evaluate_bundle(
+            bundle, _data_source(data), _data_source(test_data), config, limit=limit
+        )
     if as_json:
         _emit_json(result.to_dict() | {"results_file": str(path)})
         return
