@@ -57,6 +57,7 @@ class LineageEntry:
     parent_name: str | None
     time: str
     environment: Mapping[str, Any]
+    parent_path: str | None = None  # where the parent lived when this stage ran (a hint only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class LineageEntry:
             "settings": dict(self.settings),
             "parent": self.parent,
             "parent_name": self.parent_name,
+            "parent_path": self.parent_path,
             "time": self.time,
             "environment": dict(self.environment),
         }
@@ -77,6 +79,7 @@ class LineageEntry:
             parent_name=data.get("parent_name"),
             time=data["time"],
             environment=dict(data.get("environment", {})),
+            parent_path=data.get("parent_path"),
         )
 
 
@@ -91,6 +94,7 @@ def lineage_entry(
         parent_name=parent.manifest.name if parent else None,
         time=utc_now(),
         environment=describe_environment(),
+        parent_path=str(parent.path.resolve()) if parent else None,
     )
 
 
@@ -371,6 +375,70 @@ class BundleWriter:
             raise BundleError(f"could not move the new bundle into {self.out}: {exc}") from exc
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_encoder_bundle(
+    out: str | os.PathLike,
+    encoder: Any,
+    *,
+    lineage: tuple[LineageEntry, ...],
+    metrics: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str | os.PathLike] | None = None,
+    precision: str = "fp32",
+    overwrite: bool = False,
+) -> Bundle:
+    """The one way to write a float encoder bundle: ``model.pt`` + manifest, atomically.
+
+    ``encoder`` is an ``edge_ssl.models.Encoder`` (its ``spec`` goes into the manifest);
+    ``extra_files`` maps bundle file names to local files copied in (e.g. ``model.onnx``).
+    Used by import, pretrain, and every compression and adaptation stage.
+    """
+    out = Path(out)
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        writer.save_state_dict(encoder.state_dict())
+        for name, source in (extra_files or {}).items():
+            writer.copy_file(name, source)
+        return writer.commit(
+            name=out.name.removesuffix(BUNDLE_SUFFIX),
+            encoder=encoder.spec,
+            lineage=lineage,
+            precision=precision,
+            metrics=metrics,
+        )
+
+
+def find_float_ancestor(bundle: Bundle) -> Bundle | None:
+    """The nearest ancestor (or ``bundle`` itself) that holds float weights (``model.pt``).
+
+    Quantized bundles may ship only an INT8 ``model.onnx``; stages that train (distill,
+    prune, adapt) need float weights. The lineage records each parent's manifest sha256
+    and where it lived; a parent is accepted only if its manifest still hashes the same.
+    """
+    if bundle.has(WEIGHTS_NAME):
+        return bundle
+    for entry in reversed(bundle.manifest.lineage):
+        if not entry.parent or not entry.parent_path:
+            continue
+        try:
+            parent = Bundle.open(entry.parent_path, verify=True)
+        except BundleError:
+            continue
+        if parent.manifest_sha256 == entry.parent and parent.has(WEIGHTS_NAME):
+            return parent
+    return None
+
+
+def require_float_weights(bundle: Bundle, stage: str) -> Bundle:
+    """``bundle`` or its float ancestor; BundleError saying what to do when there is none."""
+    found = find_float_ancestor(bundle)
+    if found is None:
+        raise BundleError(
+            f"{stage} needs float weights (model.pt), but {bundle.path} is a "
+            f"{bundle.manifest.precision} bundle with files {sorted(bundle.manifest.files)} and "
+            "none of its lineage parents could be found unchanged on disk. Pass the float "
+            "bundle it was made from (see `edge-ssl inspect` for its lineage)."
+        )
+    return found
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -9,64 +9,18 @@ from typing import Annotated, Any
 
 import typer
 
-from edge_ssl.errors import ConfigError, EdgeSSLError
-
-app = typer.Typer(
-    name="edge-ssl",
-    help="Self-supervised encoders from server GPUs to Jetson: pretrain, import, evaluate, inspect.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from edge_ssl.commands.common import (
+    DataOpt,
+    JsonOpt,
+    KwOpt,
+    TrainingProgress,
+    app,
+    data_source,
+    emit_json,
+    parse_key_values,
+    stderr_console,
 )
-
-DataOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--data",
-        help="Images: an .npz (x, optional y), an image folder (class subfolders or flat), or a "
-        "cifar-10-batches-py dir. Repeat to combine. Default: the embedded digits set.",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-KwOpt = Annotated[
-    list[str] | None,
-    typer.Option(help="KEY=VALUE passed to the encoder factory, e.g. width=0.5 (repeatable)."),
-]
-
-
-@app.callback()
-def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-) -> None:
-    """edge-ssl: pretrain, compress, export, deploy, measure and adapt SSL encoders."""
-
-
-def parse_key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
-    """['width=0.5', 'image_size=64'] -> {'width': 0.5, 'image_size': 64} (JSON values)."""
-    values: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}.")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _data_source(data: list[str] | None) -> list[str] | None:
-    return list(data) if data else None
+from edge_ssl.errors import EdgeSSLError
 
 
 # ---------------------------------------------------------------- pretrain
@@ -117,10 +71,10 @@ def pretrain(
         steps_per_epoch=steps_per_epoch,
     )
     config.check_names()
-    dataset = load_images(_data_source(data), split="train", limit=limit)
-    console = _console()
+    dataset = load_images(data_source(data), split="train", limit=limit)
+    console = stderr_console()
     console.print(f"data: {dataset.source}" + (f" ({dataset.skipped} non-image files skipped)" if dataset.skipped else ""))
-    with _TrainingProgress(console) as bar:
+    with TrainingProgress(console) as bar:
         result = run_pretrain(config, dataset, out, resume=resume, overwrite=overwrite, progress=bar.update)
     if result.bundle is None:  # ranks > 0 under torchrun
         return
@@ -132,54 +86,11 @@ def pretrain(
         "epochs_run": result.epochs_run,
     }
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         typer.echo(
             f"wrote {summary['bundle']}  loss {result.final_loss:.4f}  "
             f"{result.images_per_second:.0f} images/s"
-        )
-
-
-class _TrainingProgress:
-    """A rich progress bar fed by pretrain's ProgressEvent callback."""
-
-    def __init__(self, console: Any) -> None:
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task: Any = None
-
-    def __enter__(self) -> _TrainingProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def update(self, event: Any) -> None:
-        total = event.epochs * event.steps_per_epoch
-        done = (event.epoch - 1) * event.steps_per_epoch + event.step
-        stats = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.images_per_second:.0f} img/s"
-        if self.task is None:
-            self.task = self.progress.add_task("pretrain", total=total, completed=done, stats=stats)
-        self.progress.update(
-            self.task, total=total, completed=done, stats=stats,
-            description=f"epoch {event.epoch}/{event.epochs}",
         )
 
 
@@ -218,7 +129,7 @@ def import_(
             metrics={"params": count_parameters(encoder)},
         )
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "bundle": str(bundle.path),
                 "manifest_sha256": bundle.manifest_sha256,
@@ -254,12 +165,12 @@ def eval_(
     config = EvalConfig(
         knn_k=tuple(k) if k else EvalConfig.knn_k, probe=probe, device=device, batch_size=batch_size
     )
-    with _console().status(f"evaluating {bundle.name} (embedding, kNN, probe)..."):
+    with stderr_console().status(f"evaluating {bundle.name} (embedding, kNN, probe)..."):
         result, path = evaluate_bundle(
-            bundle, _data_source(data), _data_source(test_data), config, limit=limit
+            bundle, data_source(data), data_source(test_data), config, limit=limit
         )
     if as_json:
-        _emit_json(result.to_dict() | {"results_file": str(path)})
+        emit_json(result.to_dict() | {"results_file": str(path)})
         return
     _print_eval_table(bundle.name, result)
     typer.echo(f"results: {path}")
@@ -298,7 +209,7 @@ def inspect(
     manifest = opened.manifest
     results = read_results(opened)
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "path": str(opened.path),
                 "manifest_sha256": opened.manifest_sha256,
@@ -346,7 +257,7 @@ def encoders(as_json: JsonOpt = False) -> None:
 
     infos = [encoder_info(name) for name in encoder_names()]
     if as_json:
-        _emit_json([_dc(info) for info in infos])
+        emit_json([_dc(info) for info in infos])
         return
     from rich.console import Console
     from rich.table import Table
@@ -373,7 +284,7 @@ def doctor(as_json: JsonOpt = False) -> None:
 
     checks = run_checks()
     if as_json:
-        _emit_json(checks)
+        emit_json(checks)
         return
     from rich.console import Console
     from rich.table import Table
@@ -397,11 +308,11 @@ def demo(
     """Pretrain a small SSL encoder on the embedded digits (~1 min on a CPU), evaluate it, print a table."""
     from edge_ssl.demo import run_demo
 
-    console = _console()
-    with _TrainingProgress(console) as bar:
+    console = stderr_console()
+    with TrainingProgress(console) as bar:
         report = run_demo(out, epochs=epochs or None, device=device, progress=bar.update, log=console.print)
     if as_json:
-        _emit_json(report)
+        emit_json(report)
         return
     from rich.console import Console
     from rich.table import Table
@@ -419,6 +330,21 @@ def demo(
         )
     Console().print(table)
     typer.echo(f"bundle: {report['bundle']}  ({report['pretrain_seconds']:.0f} s pretraining)")
+
+
+def _register_capabilities() -> None:
+    """Import each capability's command module so its commands join ``app`` (no heavy imports)."""
+    import importlib
+    import pkgutil
+
+    import edge_ssl.commands as commands
+
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name != "common":
+            importlib.import_module(f"edge_ssl.commands.{info.name}")
+
+
+_register_capabilities()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -436,9 +436,39 @@ def create_encoder(name: str, **kwargs: Any) -> Encoder:
     return Encoder(backbone, spec)
 
 
+#: The default factory; other factories must live inside edge_ssl (a manifest never
+#: makes edge-ssl import arbitrary code).
+DEFAULT_FACTORY = "edge_ssl.models.create_encoder"
+
+
+def _factory(spec: EncoderSpec) -> Callable[..., Encoder]:
+    if spec.factory == DEFAULT_FACTORY:
+        return lambda: create_encoder(spec.arch, **spec.kwargs)
+    module_name, _, attr = spec.factory.rpartition(".")
+    if not module_name.startswith("edge_ssl."):
+        raise ConfigError(
+            f"encoder factory {spec.factory!r} is not part of edge-ssl; a manifest may only name "
+            f"factories inside edge_ssl (default {DEFAULT_FACTORY!r})."
+        )
+    import importlib
+
+    try:
+        build = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"encoder factory {spec.factory!r} does not exist in this edge-ssl ({exc}); the bundle "
+            "was written by a newer edge-ssl. Upgrade edge-ssl to read it."
+        ) from None
+    return lambda: build(spec)
+
+
 def build_from_spec(spec: EncoderSpec) -> Encoder:
-    """Rebuild the (randomly initialized) encoder a spec describes; the spec's metadata is kept."""
-    encoder = create_encoder(spec.arch, **spec.kwargs)
+    """Rebuild the (randomly initialized) encoder a spec describes; the spec's metadata is kept.
+
+    ``spec.factory`` other than the default (e.g. a pruned encoder's, which re-applies the
+    recorded channel counts) is called with the whole spec.
+    """
+    encoder = _factory(spec)()
     built = encoder.spec
     if built.embed_dim != spec.embed_dim or built.input.shape != spec.input.shape:
         raise ConfigError(
