@@ -1,84 +1,260 @@
-"""Pretraining throughput of every SSL method side by side, in one run, on one device.
+"""Pretraining throughput and MFU of the old default vs the new GPU path, side by side, in one run.
 
-    python benchmarks/pretrain_throughput.py --steps 10 --json-out runs/throughput.json
+    python benchmarks/pretrain_throughput.py --batch-size 512 --width 1.0 --steps 200 --json-out runs/tp.json
+    python benchmarks/pretrain_throughput.py --steps 6 --batch-size 16 --width 0.25   # CPU smoke run
 
-Reports images/s per method (and, on CUDA, with mixed precision off vs auto) and the
-ratio of each to SimCLR fp32 measured in the same run. Numbers are never compared
-across machines; only the ratios inside one JSON mean anything.
+Each setting runs the real ``pretrain()`` loop on the same random images with the same
+seed. ``old-default`` is the loop as it was before issue 5 (per-step loss read-out, no
+channels_last, per-tensor LARS); ``new-default`` is today's default; ``+compile`` and
+``+cuda-graphs`` add the optional flags. Reported per setting: images/s after warm-up,
+the ratio to old-default, and the model FLOPs utilization (MFU = images/s x FLOPs per
+image / the GPU's bf16 dense peak from PEAK_TFLOPS below, labelled; FLOPs per image of one
+training step, 2 views x forward + backward, counted with torch.utils.flop_counter).
+The loss curves of every setting are compared with old-default's over the same steps.
+Numbers are never compared across machines; only the ratios inside one JSON mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from report import emit
 
+#: bf16 dense tensor-core peak (TFLOP/s) from NVIDIA datasheets, matched in order on the name.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("V100", 125.0),  # fp16: V100 has no bf16
+)
 
-def measure(method: str, arch: str, width: float, batch: int, steps: int, amp: str, device: str) -> float:
-    """Images per second of the real training loop (``pretrain``) after 2 warm-up steps."""
-    import tempfile
 
-    import numpy as np
+def gpu_peak_tflops(name: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, label) for a GPU name; (None, reason) when it is not in the table."""
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return peak, f"{key} bf16 dense datasheet peak {peak:g} TFLOP/s"
+    return None, f"{name!r} is not in PEAK_TFLOPS; MFU not reported"
 
-    from edge_ssl.data import ImageDataset
-    from edge_ssl.pretrain import PretrainConfig, pretrain
 
-    warmup = 2
-    images = np.random.default_rng(0).integers(0, 256, ((steps + warmup) * batch, 32, 32, 3), dtype=np.uint8)
-    data = ImageDataset(images=images, labels=None, class_names=None, source="random")
-    config = PretrainConfig(
-        method=method, arch=arch, arch_kwargs={"width": width}, epochs=1, batch_size=batch,
-        warmup_epochs=0.0, amp=amp, device=device,
+SETTINGS: dict[str, dict[str, Any]] = {
+    "old-default": {"channels_last": False, "log_every": 1, "legacy_lars": True},
+    "new-default": {},
+    "+compile": {"compile": True},
+    "+cuda-graphs": {"cuda_graphs": True},
+}
+
+
+class TimedSource:
+    """InMemoryBatches that stamps the clock (after a device sync) when step ``warmup`` starts."""
+
+    def __init__(self, inner: Any, warmup: int) -> None:
+        self.inner, self.warmup, self.start = inner, warmup, None
+        self.source, self.num_images = inner.source, inner.num_images
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        return self.inner.steps_per_epoch(batch_size, world_size)
+
+    def epoch_batches(self, epoch: int, batch_size: int, **kwargs: Any) -> Any:
+        import torch
+
+        for index, batch in enumerate(self.inner.epoch_batches(epoch, batch_size, **kwargs)):
+            if index == self.warmup:
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)
+                self.start = time.perf_counter()
+            yield batch
+
+
+@contextlib.contextmanager
+def legacy_lars(enabled: bool) -> Any:
+    """The per-tensor LARS loop of the old default."""
+    import edge_ssl.optim as optim
+
+    if not enabled:
+        yield
+        return
+    real = optim.LARS
+
+    class PerTensorLARS(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, foreach=False)
+
+    optim.LARS = PerTensorLARS
+    try:
+        yield
+    finally:
+        optim.LARS = real
+
+
+def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict[str, Any]:
+    """Images/s after warm-up and the read-out losses of one setting (all settings: same steps)."""
+    import edge_ssl.pretrain as pretrain_module
+    from edge_ssl.batches import InMemoryBatches
+
+    knobs = dict(SETTINGS[name])
+    legacy = knobs.pop("legacy_lars", False)
+    warmup = args.compile_warmup if knobs.get("compile") or knobs.get("cuda_graphs") else args.warmup
+    total = len(data) // args.batch_size
+    config = pretrain_module.PretrainConfig(
+        method=args.method, arch=args.arch, arch_kwargs={"width": args.width}, epochs=1,
+        batch_size=args.batch_size, warmup_epochs=0.0, amp=args.amp, device=device, **knobs,
     )
+    source = TimedSource(InMemoryBatches(data), warmup)
+    events: list[Any] = []
     stamps: dict[int, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        # The callback runs after each optimizer step; loss.item() inside the loop has
-        # already synchronised the GPU, so wall-clock stamps are honest.
-        pretrain(config, data, Path(tmp) / "t.edge", progress=lambda e: stamps.__setitem__(e.step, time.perf_counter()))
-    return steps * batch / (stamps[warmup + steps] - stamps[warmup])
+    real = pretrain_module._read_loss
+
+    def stamped(run: Any, *a: Any) -> float:
+        value = real(run, *a)  # the read-out syncs the device: the clock is honest here
+        stamps[a[-1]] = time.perf_counter()
+        return value
+
+    pretrain_module._read_loss = stamped
+    try:
+        with legacy_lars(legacy), tempfile.TemporaryDirectory() as tmp:
+            pretrain_module.pretrain(config, source, Path(tmp) / "t.edge", progress=events.append)
+    finally:
+        pretrain_module._read_loss = real
+    return {
+        "images_per_second": (total - warmup) * args.batch_size / (stamps[total] - source.start),
+        "losses": [(e.step, e.loss) for e in events],
+    }
+
+
+def window_means(per_step: dict[int, float], windows: list[tuple[int, float]]) -> list[tuple[float, float]]:
+    """(reference mean over each window, the window's own mean) for every read-out window."""
+    pairs, previous = [], 0
+    for step, value in windows:
+        ref = [per_step[s] for s in range(previous + 1, step + 1) if s in per_step]
+        if len(ref) != step - previous:
+            raise SystemExit("the first setting must read the loss every step (use old-default first)")
+        pairs.append((sum(ref) / len(ref), value))
+        previous = step
+    return pairs
+
+
+def flops_per_image(args: argparse.Namespace) -> float:
+    """FLOPs of one training step (all views, forward + backward) per image, counted on CPU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edge_ssl.methods import create_method
+    from edge_ssl.models import create_encoder
+    from edge_ssl.views import ViewAugment, view_preset
+
+    torch.manual_seed(0)
+    method = create_method(args.method, create_encoder(args.arch, width=args.width))
+    spec = method.encoder.spec
+    views = ViewAugment(view_preset(method.view_preset, spec.input.image_size, local_crops=method.num_local_views), spec.input)
+    batch = 4
+    images = views(torch.rand(batch, 3, *spec.input.shape[1:]))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = method(images)
+        loss.backward()
+    return counter.get_total_flops() / batch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="simclr")
     parser.add_argument("--arch", default="resnet18_cifar")
-    parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps (and loss-curve steps)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile-warmup", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the settings N times; median")
+    parser.add_argument("--amp", default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--methods", default="simclr,byol,dino,simsiam,vicreg,barlow_twins")
+    parser.add_argument("--settings", default=None, help="comma list; default: all on CUDA, old/new on CPU")
+    parser.add_argument("--loss-rtol", type=float, default=0.03, help="loss-curve tolerance vs old-default")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
 
+    from edge_ssl.data import ImageDataset
+    from edge_ssl.device import resolve_device
     from edge_ssl.environment import describe_environment
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    amp_modes = ["off", "auto"] if device.startswith("cuda") else ["off"]
+    device = resolve_device(args.device)
+    default = list(SETTINGS) if device.type == "cuda" else ["old-default", "new-default"]
+    names = args.settings.split(",") if args.settings else default
+    warmup = max(args.warmup, args.compile_warmup) if set(names) & {"+compile", "+cuda-graphs"} else args.warmup
+    most = (warmup + args.steps) * args.batch_size
+    images = np.random.default_rng(0).integers(0, 256, (most, 32, 32, 3), dtype=np.uint8)
+    data = ImageDataset(images=images, labels=None, class_names=None, source="random")
+
+    flops = flops_per_image(args)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak, peak_label = gpu_peak_tflops(gpu) if gpu else (None, "CPU: no peak table, MFU not reported")
+    # Settings alternate, repeat by repeat, so a neighbour's load hits all of them alike.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            runs[name].append(measure(name, args, data, str(device)))
+    results = {
+        name: {
+            "images_per_second": statistics.median(r["images_per_second"] for r in found),
+            "losses": found[0]["losses"],
+        }
+        for name, found in runs.items()
+    }
+    reference = results[names[0]]
+    ref_losses = dict(reference["losses"])
     rows = []
-    for method in args.methods.split(","):
-        for amp in amp_modes:
-            ips = measure(method, args.arch, args.width, args.batch_size, args.steps, amp, device)
-            rows.append({"method": method, "amp": amp, "images_per_second": round(ips, 1)})
-    reference = rows[0]["images_per_second"]
-    for row in rows:
-        row["ratio_to_first"] = round(row["images_per_second"] / reference, 3)
+    for name in names:
+        r = results[name]
+        pairs = window_means(ref_losses, r["losses"])
+        worst = max((abs(a - b) / max(abs(a), 1e-8) for a, b in pairs), default=0.0)
+        ips = r["images_per_second"]
+        rows.append({
+            "setting": name,
+            "images_per_second": round(ips, 1),
+            "ratio_to_" + names[0]: round(ips / reference["images_per_second"], 3),
+            "tflops": round(ips * flops / 1e12, 3),
+            "mfu": round(ips * flops / (peak * 1e12), 4) if peak else None,
+            "loss_max_rel_diff_vs_" + names[0]: round(worst, 5),
+            "loss_within_tolerance": worst <= args.loss_rtol,
+        })
     report = {
         "benchmark": "pretrain_throughput",
-        "device": device,
+        "device": str(device),
+        "gpu": gpu,
+        "peak": peak_label,
+        "method": args.method,
         "arch": args.arch,
         "width": args.width,
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "reference": f"{rows[0]['method']} amp={rows[0]['amp']}",
+        "repeats": args.repeats,
+        "flops_per_image": flops,
+        "loss_rtol": args.loss_rtol,
         "rows": rows,
         "environment": describe_environment(),
+        "command": " ".join(["python", "benchmarks/pretrain_throughput.py", *(argv or sys.argv[1:])]),
     }
     emit(report, args.json_out)
-    return 0
+    return 0 if all(row["loss_within_tolerance"] for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -474,12 +474,15 @@ def read_results(bundle: Bundle) -> dict[str, Any]:
     return _load_results_file(path).get(bundle.manifest_sha256, {})
 
 
-def record_results(bundle: Bundle, key: str, results: Mapping[str, Any]) -> Path:
+def record_results(
+    bundle: Bundle, key: str, results: Mapping[str, Any], path: str | os.PathLike | None = None
+) -> Path:
     """Store ``results`` under ``key`` for this bundle's manifest sha256; atomic write.
 
-    Results live beside the bundle, never inside it: bundles are not modified in place.
+    Results live beside the bundle (or at ``path``), never inside it: bundles are not
+    modified in place.
     """
-    path = results_path(bundle)
+    path = results_path(bundle) if path is None else Path(path)
     data = _load_results_file(path) if path.exists() else {}
     entry = dict(data.get(bundle.manifest_sha256, {}))
     entry["bundle_name"] = bundle.manifest.name

@@ -22,8 +22,30 @@ from edge_ssl.commands.common import (
 )
 from edge_ssl.errors import EdgeSSLError
 
-
 # ---------------------------------------------------------------- pretrain
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="Resize every image to NxN (shorter side, then centre crop); needed to combine "
+                 "--data sources of different sizes."),
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N (train) images; N >= 1.")]
+StreamOpt = Annotated[str, typer.Option(
+    help="auto: stream .tar shards and image folders larger than the memory budget (4 GB decoded), "
+         "load the rest in memory; on: always stream; off: always load in memory. See docs/scale-out.md.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    help="Decode processes per training process when streaming (default: the node's CPU cores / its "
+         "training processes, at most 8; 0: in-process).")]
+
+
+def _pretrain_labels() -> dict[str, str]:
+    """Errors raised from `edge-ssl pretrain` name its flags, not PretrainConfig fields."""
+    from edge_ssl.methods import METHODS
+
+    labels = {"PretrainConfig": "--{flag}"}
+    labels |= {METHODS.get(name).config_class.__name__: "--method-opt {name}" for name in METHODS}
+    return labels
+
+
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Bundle to write, e.g. teacher.edge.")],
@@ -37,45 +59,45 @@ def pretrain(
     weight_decay: Annotated[float | None, typer.Option(help="Default: the method's.")] = None,
     warmup_epochs: Annotated[float, typer.Option(help="Linear LR warm-up; ~10% of epochs works well.")] = 1.0,
     grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm (helps when the loss turns NaN).")] = None,
-    amp: Annotated[str, typer.Option(help="Mixed precision on GPU: auto, off, fp16, bf16 (CPU: always off).")] = "auto",
+    amp: Annotated[str, typer.Option(help="Mixed precision on GPU: auto (bf16 on Ampere+, else fp16), off, fp16, bf16. CPU: off.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick trials).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
+    limit: LimitOpt = None,
+    image_size: ImageSizeOpt = None,
+    stream: StreamOpt = "auto",
+    workers: WorkersOpt = None,
     arch_opt: KwOpt = None,
     method_opt: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for the method config, e.g. temperature=0.2.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder + loss (GPU; minutes of warm-up, then faster).")] = False,
+    cuda_graphs: Annotated[bool, typer.Option(help="Compile with CUDA graphs (mode reduce-overhead): for small, launch-bound models.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="NHWC convolutions on GPU (faster with tensor cores).")] = True,
+    log_every: Annotated[int | None, typer.Option(help="Steps between loss read-outs (progress, NaN check); default 1 on CPU, 50 on GPU.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT bundle.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain an SSL encoder and write it as a bundle. Runs unchanged under torchrun (DDP)."""
-    from edge_ssl.data import load_images
-    from edge_ssl.pretrain import PretrainConfig
-    from edge_ssl.pretrain import pretrain as run_pretrain
+    from edge_ssl.config import check_int, cli_labels
+    from edge_ssl.pretrain import PretrainConfig, check_outputs
 
-    config = PretrainConfig(
-        method=method,
-        arch=arch,
-        arch_kwargs=parse_key_values(arch_opt, "--arch-opt"),
-        method_kwargs=parse_key_values(method_opt, "--method-opt"),
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        grad_clip=grad_clip,
-        amp=amp,
-        device=device,
-        seed=seed,
-        steps_per_epoch=steps_per_epoch,
-    )
-    config.check_names()
-    dataset = load_images(data_source(data), split="train", limit=limit)
-    console = stderr_console()
-    console.print(f"data: {dataset.source}" + (f" ({dataset.skipped} non-image files skipped)" if dataset.skipped else ""))
-    with TrainingProgress(console) as bar:
-        result = run_pretrain(config, dataset, out, resume=resume, overwrite=overwrite, progress=bar.update)
+    with cli_labels(_pretrain_labels()):
+        config = PretrainConfig(
+            method=method, arch=arch, arch_kwargs=parse_key_values(arch_opt, "--arch-opt"),
+            method_kwargs=parse_key_values(method_opt, "--method-opt"), epochs=epochs,
+            batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, device=device, seed=seed,
+            steps_per_epoch=steps_per_epoch, channels_last=channels_last, compile=compile_model,
+            cuda_graphs=cuda_graphs, log_every=log_every,
+        )
+        config.check_names()
+        for flag, value in (("limit", limit), ("image_size", image_size)):
+            if value is not None:
+                check_int("", f"--{flag.replace('_', '-')}", value)
+        check_outputs(out, resume=resume, overwrite=overwrite)  # before any data is read
+        dataset = _pretrain_data(data, limit, image_size, stream=stream, workers=workers,
+                                 input_size=_input_size(arch, config.arch_kwargs))
+        result = _run_pretrain(config, dataset, out, resume=resume, overwrite=overwrite)
     if result.bundle is None:  # ranks > 0 under torchrun
         return
     summary = {
@@ -94,6 +116,48 @@ def pretrain(
         )
 
 
+def _pretrain_data(
+    data: list[str] | None, limit: int | None, image_size: int | None, *,
+    stream: str = "auto", workers: int | None = None, input_size: int = 32,
+) -> Any:
+    """The training images (a BatchSource: in memory or streamed), with a one-line note."""
+    from edge_ssl.streaming import choose_source, describe_source
+
+    source = choose_source(data_source(data), input_size, stream=stream, load_size=image_size,
+                           limit=limit, workers=workers)
+    stderr_console().print(describe_source(source), markup=False, highlight=False, soft_wrap=True)
+    return source
+
+
+def _input_size(arch: str, arch_kwargs: dict[str, Any]) -> int:
+    from edge_ssl.streaming import input_size_for
+
+    return input_size_for(arch, arch_kwargs)
+
+
+def _run_pretrain(config: Any, dataset: Any, out: Path, *, resume: bool, overwrite: bool) -> Any:
+    """pretrain() with a progress bar; Ctrl-C says what was kept and how to --resume (exit 130)."""
+    from edge_ssl.pretrain import checkpoint_dir
+    from edge_ssl.pretrain import pretrain as run_pretrain
+
+    try:
+        with TrainingProgress(stderr_console()) as bar:
+            return run_pretrain(config, dataset, out, resume=resume, overwrite=overwrite, progress=bar.update)
+    except KeyboardInterrupt:
+        typer.echo(interrupted_message(checkpoint_dir(out) / "last.pt"), err=True)
+        raise typer.Exit(130) from None
+
+
+def interrupted_message(ckpt: Path) -> str:
+    """What Ctrl-C left behind and the command that continues the run."""
+    if ckpt.is_file():
+        return (
+            f"interrupted: the checkpoint of the last finished epoch is kept in {ckpt.parent}. "
+            "Continue with the same command plus --resume."
+        )
+    return "interrupted before the first epoch finished; nothing was saved. Run the command again to start over."
+
+
 # ---------------------------------------------------------------- import
 @app.command("import")
 def import_(
@@ -101,15 +165,17 @@ def import_(
     arch: Annotated[str, typer.Option(help="Encoder the weights belong to (see `edge-ssl encoders`).")],
     out: Annotated[Path, typer.Option(help="Bundle to write, e.g. dino_r50.edge.")],
     arch_opt: KwOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT bundle.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a bundle from a foreign checkpoint (torchvision, timm, DINO, solo-learn, lightly, MoCo)."""
-    from edge_ssl.bundle import BundleWriter, lineage_entry, sha256_file
+    from edge_ssl.bundle import lineage_entry, sha256_file, write_encoder_bundle
     from edge_ssl.checkpoint import import_checkpoint
     from edge_ssl.models import count_parameters
+    from edge_ssl.outputs import check_bundle_out
 
     arch_kwargs = parse_key_values(arch_opt, "--arch-opt")
+    check_bundle_out(out, overwrite=overwrite)
     encoder, report = import_checkpoint(checkpoint, arch, **arch_kwargs)
     settings = {
         "checkpoint": str(checkpoint),
@@ -120,14 +186,10 @@ def import_(
         "mapped": len(report.mapped),
         "dropped": len(report.dropped),
     }
-    with BundleWriter(out, overwrite=overwrite) as writer:
-        writer.save_state_dict(encoder.state_dict())
-        bundle = writer.commit(
-            name=out.name.removesuffix(".edge"),
-            encoder=encoder.spec,
-            lineage=(lineage_entry("import", settings),),
-            metrics={"params": count_parameters(encoder)},
-        )
+    bundle = write_encoder_bundle(
+        out, encoder, lineage=(lineage_entry("import", settings),),
+        metrics={"params": count_parameters(encoder)}, overwrite=overwrite,
+    )
     if as_json:
         emit_json(
             {
@@ -155,25 +217,43 @@ def eval_(
     k: Annotated[list[int] | None, typer.Option("--k", help="kNN neighbours (repeatable). Default 20 and 200.")] = None,
     probe: Annotated[bool, typer.Option(help="Also fit a linear probe.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option()] = 256,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N train images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass; lower it on out-of-memory.")] = 256,
+    limit: LimitOpt = None,
+    image_size: ImageSizeOpt = None,
+    stream: StreamOpt = "auto",
+    workers: WorkersOpt = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(help="Results file to update (JSON keyed by bundle); default NAME.edge.results.json beside the bundle."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """kNN and linear-probe top-1 on frozen embeddings, plus collapse health; saved beside the bundle."""
-    from edge_ssl.evaluate import EvalConfig, evaluate_bundle
+    from edge_ssl.bundle import results_path
+    from edge_ssl.config import cli_labels
+    from edge_ssl.evaluate import EvalConfig
+    from edge_ssl.streaming import evaluate_bundle_streamed
 
-    config = EvalConfig(
-        knn_k=tuple(k) if k else EvalConfig.knn_k, probe=probe, device=device, batch_size=batch_size
-    )
-    with stderr_console().status(f"evaluating {bundle.name} (embedding, kNN, probe)..."):
-        result, path = evaluate_bundle(
-            bundle, data_source(data), data_source(test_data), config, limit=limit
+    with cli_labels({"EvalConfig": "--{flag}", "evaluate": "--{flag}"}):
+        config = EvalConfig(
+            knn_k=tuple(k) if k else EvalConfig.knn_k, probe=probe, device=device, batch_size=batch_size
+        )
+        with stderr_console().status(f"evaluating {bundle.name} (embedding, kNN, probe)..."):
+            result, path = evaluate_bundle_streamed(
+                bundle, data_source(data), data_source(test_data), config,
+                limit=limit, image_size=image_size, results=results, stream=stream, workers=workers,
+            )
+    if path is None:
+        typer.echo(
+            f"warning: results not saved: {results_path(bundle).parent} is not writable; "
+            "pass --results PATH to keep them.", err=True,
         )
     if as_json:
-        emit_json(result.to_dict() | {"results_file": str(path)})
+        emit_json(result.to_dict() | {"results_file": str(path) if path else None})
         return
     _print_eval_table(bundle.name, result)
-    typer.echo(f"results: {path}")
+    if path is not None:
+        typer.echo(f"results: {path}")
 
 
 def _print_eval_table(title: str, result: Any) -> None:
@@ -207,6 +287,8 @@ def inspect(
 
     opened = Bundle.open(bundle, verify=verify)
     manifest = opened.manifest
+    if verify:
+        _check_weights_fit(opened)
     results = read_results(opened)
     if as_json:
         emit_json(
@@ -249,6 +331,28 @@ def inspect(
         console.print("results " + json.dumps(results, sort_keys=True))
 
 
+def _check_weights_fit(opened: Any) -> None:
+    """The manifest's encoder must rebuild and take model.pt strictly (BundleError otherwise)."""
+    from edge_ssl.bundle import WEIGHTS_NAME
+    from edge_ssl.errors import BundleError
+
+    if not opened.has(WEIGHTS_NAME):
+        return
+    from edge_ssl.models import build_from_spec, load_state_dict_file, weights_mismatch
+
+    spec = opened.manifest.encoder
+    try:
+        problem = weights_mismatch(build_from_spec(spec), load_state_dict_file(opened.file(WEIGHTS_NAME)))
+    except EdgeSSLError as exc:
+        raise BundleError(f"{opened.path}: the manifest's encoder cannot be rebuilt ({exc}); --no-verify shows the manifest anyway.") from None
+    if problem:
+        raise BundleError(
+            f"{opened.path}: model.pt does not fit the manifest's encoder {spec.arch!r} "
+            f"{dict(spec.kwargs) or ''} ({problem}). Re-create the bundle with edge-ssl import or "
+            "pretrain; --no-verify shows the manifest anyway."
+        )
+
+
 # ---------------------------------------------------------------- encoders
 @app.command()
 def encoders(as_json: JsonOpt = False) -> None:
@@ -259,12 +363,18 @@ def encoders(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json([_dc(info) for info in infos])
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="encoders (kwargs: width=<multiplier>, image_size=<pixels>)")
-    for column in ("name", "timm model", "family", "input", "description"):
-        table.add_column(column)
+    table = Table(title="encoders (kwargs: width=<multiplier>, image_size=<pixels>)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # Names are what users type: never wrapped or cut; the description wraps instead.
+    table.add_column("name", no_wrap=True, min_width=max(len(info.name) for info in infos))
+    table.add_column("timm model", no_wrap=True, min_width=max(len(info.timm_name) for info in infos))
+    table.add_column("family")
+    table.add_column("input")
+    table.add_column("description", overflow="fold")
     for info in infos:
         table.add_row(info.name, info.timm_name, info.family, str(info.input_size), info.description)
     Console().print(table)
@@ -278,10 +388,20 @@ def _dc(obj: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- doctor
 @app.command()
-def doctor(as_json: JsonOpt = False) -> None:
+def doctor(
+    as_json: JsonOpt = False,
+    on: Annotated[str | None, typer.Option("--on", help="Check a device instead: ssh://user@host[:port] (see `edge-ssl device-doctor --help`).")] = None,
+) -> None:
     """Report Python, torch, CUDA, onnxruntime providers, TensorRT and Jetson detection."""
-    from edge_ssl.doctor import run_checks
+    if on:  # devices engineer: the on-device agent answers (edge_ssl.devices.remote)
+        from edge_ssl.commands.devices import doctor_on_device
 
+        doctor_on_device(on, as_json)
+        return
+    from edge_ssl.doctor import CHECKS, register_check, run_checks
+
+    if "jetson" not in CHECKS:
+        register_check("jetson", _jetson_check)
     checks = run_checks()
     if as_json:
         emit_json(checks)
@@ -297,39 +417,42 @@ def doctor(as_json: JsonOpt = False) -> None:
     Console().print(table)
 
 
+def _jetson_check() -> str:
+    from edge_ssl.devices.detect import detect_jetson
+
+    info = detect_jetson()
+    if info is None:
+        return "not a Jetson"
+    return f"{info.model}, L4T {info.l4t or '?'}, JetPack {info.jetpack or '?'}"
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's bundle and results.")] = Path("edge-ssl-demo"),
-    epochs: Annotated[int, typer.Option(help="Pretraining epochs on the embedded digits.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's bundles, results and report.")] = Path("edge-ssl-demo"),
+    epochs: Annotated[
+        int | None, typer.Option(help="Teacher pretraining epochs.  [default: the demo's preset]", show_default=False)
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="Every stage with tiny budgets (tests, a first look).")] = False,
+    data: DataOpt = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Start from this float bundle instead of pretraining a teacher.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pretrain a small SSL encoder on the embedded digits (~1 min on a CPU), evaluate it, print a table."""
-    from edge_ssl.demo import run_demo
+    """The whole pipeline on the embedded digits: pretrain, distill, prune, INT8, ONNX, bench, predict, adapt, report."""
+    from edge_ssl.config import cli_labels
+    from edge_ssl.demo import DemoProgress, print_demo, run_demo
 
     console = stderr_console()
-    with TrainingProgress(console) as bar:
-        report = run_demo(out, epochs=epochs or None, device=device, progress=bar.update, log=console.print)
+    with cli_labels({"PretrainConfig": "--{flag}"}), DemoProgress(console) as bar:
+        report = run_demo(out, quick=quick, data=data_source(data), teacher=teacher, epochs=epochs,
+                          device=device, progress=bar.update, log=console.print)
     if as_json:
         emit_json(report)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"edge-ssl demo: {report['method']} on {report['data']}")
-    for column in ("encoder", "kNN top-1 (k=20)", "linear probe", "effective rank", "collapsed"):
-        table.add_column(column, justify="right")
-    for row in report["rows"]:
-        table.add_row(
-            row["name"],
-            f"{100 * row['knn_top1']:.1f}%",
-            f"{100 * row['linear_probe_top1']:.1f}%",
-            f"{row['effective_rank']:.1f}",
-            "YES" if row["collapsed"] else "no",
-        )
-    Console().print(table)
-    typer.echo(f"bundle: {report['bundle']}  ({report['pretrain_seconds']:.0f} s pretraining)")
+    print_demo(report)
 
 
 def _register_capabilities() -> None:

@@ -1,15 +1,22 @@
-"""Helpers for frozen dataclass configs: build from dicts, reject unknown keys."""
+"""Settings: frozen dataclass configs built from dicts, and the one set of validators."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from edge_ssl.errors import ConfigError
 from edge_ssl.registry import did_you_mean
 
 C = TypeVar("C")
+
+# owner -> label template, e.g. {"PretrainConfig": "--{flag}"}; set by the CLI (see cli_labels).
+_LABELS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("labels", default=None)
 
 
 def config_from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
@@ -38,17 +45,97 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def check_positive(owner: str, **values: float) -> None:
-    """Raise ConfigError naming the first value that is not > 0."""
+# --------------------------------------------------------------------------- labels
+
+
+@contextlib.contextmanager
+def cli_labels(templates: Mapping[str, str]) -> Iterator[None]:
+    """Inside this block, errors about ``owner.name`` say what the user typed instead.
+
+    ``templates`` maps a config class name to a format string with ``{flag}`` (the name
+    with dashes) and ``{name}``: ``{"PretrainConfig": "--{flag}"}`` turns
+    ``PretrainConfig.epochs`` into ``--epochs``; ``{"SimCLRConfig": "--method-opt {name}"}``.
+    """
+    token = _LABELS.set({**(_LABELS.get() or {}), **templates})
+    try:
+        yield
+    finally:
+        _LABELS.reset(token)
+
+
+def setting_label(owner: str, name: str) -> str:
+    """How an error names setting ``name`` of ``owner`` (``Owner.name`` or a CLI flag)."""
+    template = (_LABELS.get() or {}).get(owner)
+    if template is None:
+        return f"{owner}.{name}" if owner else name
+    return template.format(flag=name.replace("_", "-"), name=name)
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a float in the interval, or ConfigError naming the setting."""
+    label = setting_label(owner, name)
+    interval = _interval(low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"{label} must be a number in {interval}; got {value!r} ({type(value).__name__})."
+        )
+    number = float(value)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if math.isnan(number) or too_low or too_high:
+        raise ConfigError(f"{label} must be in {interval}; got {value!r}.")
+    return number
+
+
+def check_int(
+    owner: str, name: str, value: Any, minimum: int | None = 1, maximum: int | None = None
+) -> int:
+    """``value`` as an int in [minimum, maximum], or ConfigError naming the setting."""
+    label = setting_label(owner, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{label} must be an integer; got {value!r} ({type(value).__name__}).")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = _interval(minimum, maximum, False, False)
+        raise ConfigError(f"{label} must be an integer in {bounds}; got {value!r}.")
+    return int(value)
+
+
+def check_flag(owner: str, name: str, value: Any) -> bool:
+    """``value`` as a bool; a truthy string such as 'false' is refused."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy bools too
+        return bool(value)
+    raise ConfigError(f"{setting_label(owner, name)} must be true or false; got {value!r}.")
+
+
+def check_positive(owner: str, **values: Any) -> None:
+    """Raise ConfigError naming the first value that is not a number > 0."""
     for name, value in values.items():
-        if not value > 0:
-            raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}.")
+        check_number(owner, name, value, low=0, low_open=True)
 
 
-def check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError when ``value`` is not one of ``choices``."""
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else ConfigError with a "did you mean" hint."""
     if value not in choices:
         raise ConfigError(
-            f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}."
-            f"{did_you_mean(value, choices)}"
+            f"{setting_label(owner, name)} must be one of {', '.join(choices)}; got {value!r}."
+            f"{did_you_mean(str(value), tuple(choices))}"
         )
+    return value

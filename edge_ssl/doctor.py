@@ -1,4 +1,4 @@
-"""`edge-ssl doctor`: what this machine offers edge-ssl (each check isolated, never raising)."""
+"""`edge-ssl doctor`: what this machine offers edge-ssl (pluggable checks, each isolated, never raising)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,6 @@ def _module_version(name: str) -> Callable[[], str]:
     return check
 
 
-def _jetson() -> str:
-    from edge_ssl.devices.detect import detect_jetson
-
-    info = detect_jetson()
-    if info is None:
-        return "not a Jetson"
-    return f"{info.model}, L4T {info.l4t or '?'}, JetPack {info.jetpack or '?'}"
-
-
 CHECKS: dict[str, Callable[[], str]] = {
     "python": platform.python_version,
     "torch": _torch,
@@ -57,8 +48,16 @@ CHECKS: dict[str, Callable[[], str]] = {
     "onnx": _module_version("onnx"),
     "onnxruntime": _onnxruntime,
     "tensorrt": _tensorrt,
-    "jetson": _jetson,
 }
+
+
+def register_check(name: str, check: Callable[[], str]) -> None:
+    """Add a check (e.g. the Jetson detection of ``edge_ssl.devices``) to ``run_checks``.
+
+    The core never imports the capabilities; each registers what it can report (the
+    CLI registers the Jetson check). ``check`` returns a status line; it may raise.
+    """
+    CHECKS[name] = check
 
 
 def run_checks() -> dict[str, Any]:

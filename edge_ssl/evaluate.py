@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_ssl.errors import ConfigError, DataError
+from edge_ssl.config import check_flag, check_int, check_number, setting_label
+from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
 
 if TYPE_CHECKING:
@@ -57,53 +58,15 @@ LINEAR_PROBE_C = 1.0
 _NORM_EPS = 1e-12
 # Rows per block for the float64 statistics of embedding_health (bounds its memory).
 _HEALTH_CHUNK = 4096
-_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-_DEVICE_ALLOWED = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU index)"
 _MAX_SEED = 2**32 - 1  # numpy / scikit-learn random_state bound
+_TEMPERATURE_HINT = (
+    " 0.07 is the usual kNN temperature (Wu et al. 2018, DINO); lower values trust the "
+    "closest neighbours more."
+)
 _LABELED_SOURCES = (
     "an image folder with one subfolder per class (root/<class>/*.png) or an .npz file "
     "holding labels 'y' next to the images 'x' (e.g. ../shared/data/cifar10/cifar10_test.npz)"
 )
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
-    return int(value)
-
-
-def _temperature(name: str, value: Any) -> float:
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(
-            f"{name} must be a finite number > 0; got {value!r}. 0.07 is the usual kNN "
-            f"temperature (Wu et al. 2018, DINO); lower values trust the closest neighbours more."
-        )
-    return float(value)
-
-
-def _seed(name: str, value: Any) -> int:
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, numbers.Integral)
-        or not 0 <= value <= _MAX_SEED
-    ):
-        raise ConfigError(f"{name} must be an integer in 0..{_MAX_SEED}; got {value!r}.")
-    return int(value)
-
-
-def _check_device_format(name: str, device: Any) -> None:
-    if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
-        raise ConfigError(
-            f"{name} must be {_DEVICE_ALLOWED}; got {device!r}. For an NVIDIA GPU use 'cuda'."
-        )
 
 
 # --------------------------------------------------------------------------- configs / results
@@ -131,33 +94,34 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from edge_ssl.device import parse_device_name
+
+        owner = "EvalConfig"
         if not isinstance(self.knn_k, (tuple, list)) or not self.knn_k:
             raise ConfigError(
-                f"EvalConfig.knn_k must be a non-empty tuple of neighbour counts; got "
-                f"{self.knn_k!r}. Write e.g. knn_k=(20, 200), or knn_k=(20,) for one k."
+                f"{setting_label(owner, 'knn_k')} must be a non-empty tuple of neighbour counts; "
+                f"got {self.knn_k!r}. Write e.g. knn_k=(20, 200), or knn_k=(20,) for one k."
             )
-        ks = tuple(_positive_int("EvalConfig.knn_k entry", k) for k in self.knn_k)
+        ks = tuple(check_int(owner, "knn_k", k) for k in self.knn_k)
         if len(set(ks)) != len(ks):
-            raise ConfigError(
-                f"EvalConfig.knn_k has duplicates: {ks}. List each neighbour count once."
-            )
+            raise ConfigError(f"{setting_label(owner, 'knn_k')} has duplicates: {ks}. List each once.")
         object.__setattr__(self, "knn_k", ks)
-        object.__setattr__(
-            self,
-            "knn_temperature",
-            _temperature("EvalConfig.knn_temperature", self.knn_temperature),
-        )
-        if not isinstance(self.probe, (bool, np.bool_)):
-            raise ConfigError(f"EvalConfig.probe must be True or False; got {self.probe!r}.")
-        object.__setattr__(self, "probe", bool(self.probe))
-        object.__setattr__(
-            self, "probe_max_iter", _positive_int("EvalConfig.probe_max_iter", self.probe_max_iter)
-        )
-        object.__setattr__(
-            self, "batch_size", _positive_int("EvalConfig.batch_size", self.batch_size)
-        )
-        _check_device_format("EvalConfig.device", self.device)
-        object.__setattr__(self, "seed", _seed("EvalConfig.seed", self.seed))
+        object.__setattr__(self, "knn_temperature", _temperature(owner, "knn_temperature", self.knn_temperature))
+        object.__setattr__(self, "probe", check_flag(owner, "probe", self.probe))
+        check_int(owner, "probe_max_iter", self.probe_max_iter)
+        check_int(owner, "batch_size", self.batch_size)
+        parse_device_name(self.device)
+        check_int(owner, "seed", self.seed, 0, _MAX_SEED)
+
+
+def _temperature(owner: str, name: str, value: Any) -> float:
+    try:
+        number = check_number(owner, name, value, 0, low_open=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{_TEMPERATURE_HINT}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{setting_label(owner, name)} must be finite; got {value!r}.{_TEMPERATURE_HINT}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -204,29 +168,10 @@ class EvalResult:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; check that 'cuda[:N]' exists."""
-    _check_device_format("device", device)
-    if device == "cpu":
-        return "cpu"
-    torch = require("torch", "choosing a device")
-    available = bool(torch.cuda.is_available())
-    if device == "auto":
-        return "cuda" if available else "cpu"
-    if not available:
-        raise ConfigError(
-            f"device {device!r} was requested but CUDA is not available to torch "
-            f"{torch.__version__} (built for CUDA {torch.version.cuda}). Use device='cpu' or "
-            f"'auto', or run on a machine with an NVIDIA GPU and a CUDA build of torch."
-        )
-    if ":" in device:
-        index = int(device.split(":", 1)[1])
-        count = int(torch.cuda.device_count())
-        if index >= count:
-            raise ConfigError(
-                f"device {device!r} does not exist: torch sees {count} GPU(s), "
-                f"indices 0..{count - 1}. Pick one of those or use 'cuda'."
-            )
-    return device
+    """Deprecated alias: the device name :func:`edge_ssl.device.resolve_device` resolves to."""
+    from edge_ssl.device import resolve_device as resolve
+
+    return str(resolve(device))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -250,7 +195,7 @@ def embed(
     from edge_ssl.tensors import preprocess
 
     spec = _encoder_spec(encoder)
-    batch_size = _positive_int("embed batch_size", batch_size)
+    batch_size = check_int("embed", "batch_size", batch_size)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(
@@ -259,7 +204,9 @@ def embed(
         )
     if len(images) == 0:
         return np.empty((0, spec.embed_dim), dtype=np.float32)
-    resolved = resolve_device(device)
+    from edge_ssl.device import resolve_device as resolve
+
+    resolved = device if isinstance(device, torch.device) else resolve(device)
     model = _on_device(encoder, resolved, torch)
     input_dtype = next(
         (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
@@ -294,11 +241,8 @@ def _encoder_spec(encoder: Any) -> EncoderSpec:
     return spec
 
 
-def _on_device(encoder: torch.nn.Module, device: str, torch: Any) -> torch.nn.Module:
-    """``encoder`` if all its tensors are on ``device``, else a copy moved there."""
-    target = torch.device(device)
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", torch.cuda.current_device())
+def _on_device(encoder: torch.nn.Module, target: torch.device, torch: Any) -> torch.nn.Module:
+    """``encoder`` if all its tensors are on ``target`` (an indexed device), else a moved copy."""
     tensors = [*encoder.parameters(), *encoder.buffers()]
     if all(t.device == target for t in tensors):
         return encoder
@@ -352,9 +296,9 @@ def knn_top1(
     scales each row's scores by one constant: the vote is unchanged and small T cannot
     overflow.
     """
-    k = _positive_int("knn_top1 k", k)
-    temperature = _temperature("knn_top1 temperature", temperature)
-    chunk = _positive_int("knn_top1 chunk", chunk)
+    k = check_int("knn_top1", "k", k)
+    temperature = _temperature("knn_top1", "temperature", temperature)
+    chunk = check_int("knn_top1", "chunk", chunk)
     train_emb, train_labels, test_emb, test_labels = _check_split(
         train_emb, train_labels, test_emb, test_labels
     )
@@ -397,8 +341,8 @@ def linear_probe_top1(
     C = LINEAR_PROBE_C). Shapes as in :func:`knn_top1`. scikit-learn warns when L-BFGS
     stops at ``max_iter`` before converging; raise it then.
     """
-    max_iter = _positive_int("linear_probe_top1 max_iter", max_iter)
-    seed = _seed("linear_probe_top1 seed", seed)
+    max_iter = check_int("linear_probe_top1", "max_iter", max_iter)
+    seed = check_int("linear_probe_top1", "seed", seed, 0, _MAX_SEED)
     train_emb, train_labels, test_emb, test_labels = _check_split(
         train_emb, train_labels, test_emb, test_labels
     )
@@ -519,7 +463,9 @@ def evaluate_encoder(
         int(test_labels.max()) + 1,
         *(n for n in (_declared_classes(train), _declared_classes(test)) if n is not None),
     )
-    device = resolve_device(config.device)
+    from edge_ssl.device import resolve_device as resolve
+
+    device = resolve(config.device)
     torch = require("torch", "evaluation")
     model = _on_device(encoder, device, torch)  # copy once, not once per split
     train_emb = embed(model, train_images, batch_size=config.batch_size, device=device)
@@ -659,7 +605,7 @@ def _num_classes_for(train: np.ndarray, test: np.ndarray, num_classes: int | Non
     needed = int(max(train.max(), test.max())) + 1
     if num_classes is None:
         return needed
-    num_classes = _positive_int("knn_top1 num_classes", num_classes)
+    num_classes = check_int("knn_top1", "num_classes", num_classes)
     if num_classes < needed:
         raise DataError(
             f"labels go up to {needed - 1} but num_classes={num_classes}; pass "
@@ -682,6 +628,7 @@ def load_eval_data(
     limit: int | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    image_size: int | None = None,
 ) -> tuple[Any, Any]:
     """Labeled (train, test) sets for evaluation.
 
@@ -691,15 +638,54 @@ def load_eval_data(
     """
     from edge_ssl.data import detect_format, load_images, split_dataset
 
+    if limit is not None:
+        check_int("evaluate", "limit", limit)
+    size = {"image_size": image_size}
     if test_data is not None:
-        return load_images(data, split="train", limit=limit), load_images(test_data, split="test")
+        return (
+            load_images(data, split="train", limit=limit, **size),
+            load_images(test_data, split="test", **size),
+        )
     single = data[0] if isinstance(data, (list, tuple)) and len(data) == 1 else data
     is_path = isinstance(single, str) or hasattr(single, "__fspath__")
     natural = single is None or (is_path and detect_format(single) == "cifar10-python")
     if natural:
-        return load_images(single, split="train", limit=limit), load_images(single, split="test")
-    train, test = split_dataset(load_images(data), test_fraction=test_fraction, seed=seed)
+        return (
+            load_images(single, split="train", limit=limit, **size),
+            load_images(single, split="test", **size),
+        )
+    train, test = split_dataset(load_images(data, **size), test_fraction=test_fraction, seed=seed)
     return (train.subset(range(min(limit, len(train)))) if limit else train), test
+
+
+def results_target(bundle_path: Any, results: Any = None) -> Path | None:
+    """Where eval results will be saved, checked before any work.
+
+    An explicit ``results`` file must be writable (ConfigError naming --results otherwise);
+    the default file beside the bundle is skipped (None) when its folder is read-only, so
+    the metrics are still computed and shown.
+    """
+    from edge_ssl.bundle import results_path
+
+    if results is not None:
+        target = Path(results)
+        if target.is_dir() or not _writable(target):
+            raise ConfigError(
+                f"--results {target}: cannot write a results file there; give a writable file path."
+            )
+        return target
+    target = results_path(bundle_path)
+    return target if _writable(target) else None
+
+
+def _writable(target: Path) -> bool:
+    import os
+
+    if target.is_dir():
+        return False
+    if target.exists():
+        return os.access(target, os.W_OK) and os.access(target.parent, os.W_OK)
+    return target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK)
 
 
 def evaluate_bundle(
@@ -709,22 +695,36 @@ def evaluate_bundle(
     config: EvalConfig = EvalConfig(),
     *,
     limit: int | None = None,
-) -> tuple[EvalResult, Any]:
-    """Evaluate a bundle's encoder and record the result beside it (keyed by manifest sha256).
+    image_size: int | None = None,
+    results: Any = None,
+) -> tuple[EvalResult, Path | None]:
+    """Evaluate a bundle's encoder and record the result (keyed by the manifest sha256).
 
-    Returns the result and the results file path. The bundle itself is never modified.
+    Results go to ``results`` or, by default, ``NAME.edge.results.json`` beside the
+    bundle. Returns the result and the file written, or None when the default location
+    is read-only (the metrics are still returned). The bundle itself is never modified.
     """
     from edge_ssl.bundle import Bundle, record_results
     from edge_ssl.config import config_to_dict
     from edge_ssl.models import load_encoder
 
+    if limit is not None:
+        check_int("evaluate", "limit", limit)
     bundle = Bundle.open(bundle_path, verify=True)
+    target = results_target(bundle.path, results)
     encoder = load_encoder(bundle)
-    train, test = load_eval_data(data, test_data, limit=limit, seed=config.seed)
+    train, test = load_eval_data(data, test_data, limit=limit, seed=config.seed, image_size=image_size)
     result = evaluate_encoder(encoder, train, test, config)
     record = result.to_dict() | {
         "train_data": train.source,
         "test_data": test.source,
         "config": config_to_dict(config),
     }
-    return result, record_results(bundle, "eval", record)
+    if target is None:
+        return result, None
+    try:
+        return result, record_results(bundle, "eval", record, path=target)
+    except EdgeSSLError:
+        if results is not None:
+            raise
+        return result, None  # the default location went read-only meanwhile: keep the metrics

@@ -204,9 +204,12 @@ def _stem_stride_one(model: nn.Module) -> nn.Module:
     return model
 
 
+# timm's public entry points (create_model('mobilenetv3_small_100'), 'efficientnet_b0') fix the
+# width multiplier and refuse another one ("multiple values for channel_multiplier"); only the
+# generators behind them take it. They are private, so pyproject.toml caps timm to <1.1 and
+# test_models checks that every width builds: a timm upgrade is a deliberate, tested step.
 def _mobilenetv3(timm_name: str, width: float, cifar: bool) -> nn.Module:
     require("timm", "encoders")
-    # The registered timm entry points fix the multiplier; the generator takes it as an argument.
     from timm.models.mobilenetv3 import _gen_mobilenet_v3
 
     model = _gen_mobilenet_v3(timm_name, width, pretrained=False, num_classes=0)
@@ -487,7 +490,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``name -> tensor`` state dict from ``.pt`` (weights_only) or ``.safetensors``."""
-    from edge_ssl.checkpoint import read_checkpoint
+    from edge_ssl.torchio import read_checkpoint
 
     state = read_checkpoint(path)
     for key, value in state.items():
@@ -517,12 +520,31 @@ def load_encoder(bundle: Any) -> Encoder:
     path = bundle.file(name)
     encoder = build_from_spec(bundle.manifest.encoder)
     state = load_state_dict_file(path)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    problem = weights_mismatch(encoder, state)
+    if problem:
+        spec = bundle.manifest.encoder
         raise CheckpointError(
-            f"{path}: the weights do not fit the manifest's encoder "
-            f"{bundle.manifest.encoder.arch!r} {dict(bundle.manifest.encoder.kwargs)} ({exc}). "
-            "The bundle was written inconsistently; re-export it from its parent bundle."
-        ) from exc
+            f"{path}: the weights do not fit the manifest's encoder {spec.arch!r} "
+            f"{dict(spec.kwargs) or ''} ({problem}). The manifest and model.pt disagree: "
+            "re-create the bundle from its source (edge-ssl import / pretrain) instead of editing it."
+        )
+    encoder.load_state_dict(state, strict=True)
     return encoder.eval()
+
+
+def weights_mismatch(model: nn.Module, state: Mapping[str, Any], shown: int = 3) -> str | None:
+    """A one-line summary of why ``state`` does not load into ``model`` strictly, or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
+    ]
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} {label}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts) or None

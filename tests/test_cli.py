@@ -135,11 +135,4 @@ def test_parse_key_values():
     with pytest.raises(ConfigError):
         parse_key_values(["=1"], "--x")
 
-
-@pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code, stdout, err = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--json")
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert [row["name"] for row in report["rows"]] == ["random init", "simclr pretrained"]
-    assert (tmp_path / "demo" / "demo.edge" / "manifest.json").is_file()
+# `edge-ssl demo` end to end: tests/test_demo.py (the pipeline demo's own tests).

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from edge_ssl.config import check_choice, config_from_dict, config_to_dict
+from edge_ssl.config import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_number,
+    cli_labels,
+    config_from_dict,
+    config_to_dict,
+)
 from edge_ssl.errors import (
     BundleIntegrityError,
     ConfigError,
@@ -19,11 +27,15 @@ from edge_ssl.registry import Registry, did_you_mean
 from edge_ssl.spec import InputSpec
 
 
-def test_errors_inherit_root_and_builtin():
-    assert issubclass(ConfigError, EdgeSSLError) and issubclass(ConfigError, ValueError)
-    assert issubclass(MissingDependencyError, ImportError)
-    assert issubclass(BundleIntegrityError, EdgeSSLError)
-    assert issubclass(DataError, ValueError)
+def test_callers_catching_builtins_or_the_root_catch_our_errors():
+    """Library users write `except ValueError` / `except ImportError` / `except EdgeSSLError`."""
+    with pytest.raises(ValueError):
+        check_choice("X", "mode", "fast", ("slow",))
+    with pytest.raises(ImportError):
+        require("tensorrt", "building engines")
+    for error in (ConfigError("x"), DataError("x"), BundleIntegrityError("x")):
+        with pytest.raises(EdgeSSLError):
+            raise error
 
 
 def test_registry_registers_and_suggests_nearest():
@@ -82,3 +94,35 @@ def test_input_spec_validates():
         InputSpec(shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.5, 0.0, 0.5))
     spec = InputSpec(shape=[3, 32, 32], mean=[0.5] * 3, std=[0.25] * 3)
     assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "needle"),
+    [
+        (lambda v: check_number("Cfg", "lr", v, 0, low_open=True), 0, r"Cfg.lr must be in \(0, inf\); got 0"),
+        (lambda v: check_number("Cfg", "lr", v, 0, low_open=True), "0.1", r"must be a number .* \(str\)"),
+        (lambda v: check_number("Cfg", "ratio", v, 0, 1), float("nan"), r"must be in \[0, 1\]"),
+        (lambda v: check_int("Cfg", "epochs", v), 1.5, r"Cfg.epochs must be an integer; got 1.5"),
+        (lambda v: check_int("Cfg", "epochs", v), True, r"must be an integer; got True"),
+        (lambda v: check_int("Cfg", "seed", v, 0, 9), 10, r"in \[0, 9\]; got 10"),
+        (lambda v: check_flag("Cfg", "probe", v), "false", r"Cfg.probe must be true or false; got 'false'"),
+    ],
+)
+def test_validators_name_the_setting_and_what_is_allowed(check, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check(value)
+
+
+def test_validators_return_normalized_values():
+    assert check_number("Cfg", "lr", 1) == 1.0 and isinstance(check_number("Cfg", "lr", 1), float)
+    assert check_int("Cfg", "n", 3) == 3 and check_flag("Cfg", "f", False) is False
+
+
+def test_cli_labels_make_errors_name_flags_only_inside_the_block():
+    with cli_labels({"PretrainConfig": "--{flag}", "SimCLRConfig": "--method-opt {name}"}):
+        with pytest.raises(ConfigError, match=r"^--warmup-epochs must be"):
+            check_number("PretrainConfig", "warmup_epochs", -1, 0)
+        with pytest.raises(ConfigError, match=r"^--method-opt temperature must be"):
+            check_number("SimCLRConfig", "temperature", 0, 0, low_open=True)
+    with pytest.raises(ConfigError, match=r"^PretrainConfig.warmup_epochs must be"):
+        check_number("PretrainConfig", "warmup_epochs", -1, 0)

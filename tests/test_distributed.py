@@ -58,3 +58,48 @@ def test_two_cpu_processes_agree(tmp_path, method):
     bundle = Bundle.open(out)
     assert bundle.manifest.lineage[-1].settings["world_size"] == 2
     assert bundle.manifest.lineage[-1].settings["global_batch"] == 16
+
+
+def test_without_torchrun_nothing_is_initialised_and_helpers_are_identities():
+    import torch
+
+    from edge_ssl.distributed import (
+        DistInfo,
+        barrier,
+        broadcast_buffers,
+        gather_batch,
+        init_distributed,
+        mean_over_ranks,
+        shutdown,
+    )
+
+    info = init_distributed("cpu", environ={})
+    assert info == DistInfo() and not info.enabled and info.is_main
+    x = torch.randn(3, 2, requires_grad=True)
+    assert gather_batch(x) is x and mean_over_ranks(x) is x
+    barrier()
+    broadcast_buffers(torch.nn.BatchNorm1d(2))
+    shutdown(info)  # never destroys a group it did not create
+
+
+def test_one_process_group_joins_and_gathers_with_gradients(tmp_path):
+    """A real gloo group of size 1 from torchrun-style variables; gathers keep the gradient."""
+    import torch
+    import torch.distributed as dist
+
+    from edge_ssl.distributed import _GatherWithGradient, init_distributed, shutdown
+
+    env = {"WORLD_SIZE": "1"}
+    assert not init_distributed("cpu", environ=env).enabled  # size 1: no group at all
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        info = init_distributed("cpu", environ={"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+        assert not info.owns_group, "a group the caller made stays the caller's"
+        x = torch.randn(3, 2, requires_grad=True)
+        gathered = _GatherWithGradient.apply(x)
+        (gathered * 2).sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+        shutdown(info)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -23,7 +23,6 @@ from edge_ssl.evaluate import (
     evaluate_encoder,
     knn_top1,
     linear_probe_top1,
-    resolve_device,
 )
 from edge_ssl.spec import CIFAR_MEAN, CIFAR_STD, EncoderSpec, InputSpec
 from edge_ssl.tensors import preprocess
@@ -502,31 +501,7 @@ def test_embed_checks_the_encoder_contract():
 # --------------------------------------------------------------------------- devices
 
 
-def test_resolve_device_cpu_and_auto(monkeypatch):
-    assert resolve_device("cpu") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda"
-
-
-def test_resolve_device_cuda_unavailable_or_missing_index(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="CUDA is not available"):
-        resolve_device("cuda")
-    with pytest.raises(ConfigError, match="CUDA is not available"):
-        resolve_device("cuda:0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device("cuda:0") == "cuda:0"
-    with pytest.raises(ConfigError, match="indices 0..0"):
-        resolve_device("cuda:3")
-
-
-@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "", 0, None])
-def test_resolve_device_rejects_unknown_names(device):
-    with pytest.raises(ConfigError, match="'auto', 'cpu', 'cuda'"):
-        resolve_device(device)
+# The device names themselves are tested in tests/test_device.py.
 
 
 @pytest.mark.gpu
@@ -543,8 +518,6 @@ def test_embed_on_cuda_matches_cpu_and_leaves_encoder_on_cpu():
 
 
 def test_eval_config_defaults_and_normalization():
-    config = EvalConfig()
-    assert config.knn_k == (20, 200)
     assert EvalConfig(knn_k=[10, 5]).knn_k == (10, 5)
     assert config_from_dict(EvalConfig, {"knn_k": [7], "probe": False}).knn_k == (7,)
 

@@ -116,12 +116,14 @@ def test_encoder_builds_runs_and_rebuilds_from_its_spec(name: str) -> None:
 
 @pytest.mark.parametrize("name", encoder_names())
 def test_encoder_info_matches_the_built_model(name: str) -> None:
+    """`edge-ssl encoders` shows what --arch NAME really builds (input size, timm model)."""
     info = encoder_info(name)
-    assert isinstance(info, EncoderInfo)
-    assert info.name == name
-    assert info.family in ("cnn", "vit")
-    assert info.input_size == (32 if name.endswith("_cifar") else 224)
-    assert info.timm_name and info.description
+    assert isinstance(info, EncoderInfo) and info.name == name
+    with META:
+        built = create_encoder(name)
+    assert built.spec.input.shape[1:] == (info.input_size, info.input_size)
+    assert built.backbone.default_cfg.get("architecture", info.timm_name) == info.timm_name
+    assert info.description
 
 
 def test_input_spec_uses_cifar_statistics_for_cifar_nets_and_timm_cfg_otherwise() -> None:
@@ -324,3 +326,15 @@ def test_load_encoder_rebuilds_a_bundle_with_its_weights(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="do not fit the manifest's encoder"):
         load_encoder(tmp_path / "wrong.edge")
     assert load_encoder(bundle).spec == encoder.spec
+
+
+def test_weights_mismatch_is_one_short_line_not_a_key_dump() -> None:
+    from edge_ssl.models import weights_mismatch
+
+    model = create_encoder("resnet18_cifar", width=0.125)
+    state = dict(create_encoder("resnet34_cifar", width=0.125).state_dict())
+    assert weights_mismatch(model, model.state_dict()) is None
+    summary = weights_mismatch(model, state)
+    assert summary.startswith("96 unexpected: ") and summary.endswith("and 93 more")
+    state["backbone.conv1.weight"] = torch.zeros(1)
+    assert "1 wrong shape: backbone.conv1.weight (1,) vs (8, 3, 3, 3)" in weights_mismatch(model, state)

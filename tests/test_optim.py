@@ -75,3 +75,38 @@ def test_build_optimizer_keeps_no_decay_groups(name):
 def test_build_optimizer_unknown_name_hints():
     with pytest.raises(ConfigError, match="Did you mean 'adamw'"):
         build_optimizer("adamw2", [{"params": [torch.nn.Parameter(torch.ones(1))]}], 0.1, 0.0)
+
+
+def test_lars_foreach_matches_the_per_tensor_reference_over_steps():
+    """The fast (foreach) LARS and the plain loop give the same weights, momentum included."""
+    torch.manual_seed(0)
+    start = [torch.randn(6, 3), torch.randn(3), torch.zeros(2, 2)]  # a zero tensor: trust 1
+    runs = []
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = LARS(
+            [{"params": params[::2]}, {"params": params[1:2], "lars_exclude": True, "weight_decay": 0.0}],
+            lr=0.3, weight_decay=1e-3, foreach=foreach,
+        )
+        for step in range(3):
+            opt.zero_grad()
+            sum((p * (step + 1 + i)).pow(2).sum() for i, p in enumerate(params)).backward()
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for fast, reference in zip(*runs, strict=True):
+        torch.testing.assert_close(fast, reference)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_cuda_runs_get_fused_steps_with_the_same_update(name):
+    """The CUDA choice (fused kernels) is checked on CPU, where torch has them too."""
+    updates = []
+    for device_type in ("cpu", "cuda"):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
+        opt = build_optimizer(name, [{"params": [param]}], lr=0.1, weight_decay=0.01, device_type=device_type)
+        assert bool(opt.defaults.get("fused")) == (device_type == "cuda")
+        for _ in range(2):
+            param.grad = param.detach() * 2
+            opt.step()
+        updates.append(param.detach())
+    torch.testing.assert_close(updates[0], updates[1])

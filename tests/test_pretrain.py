@@ -167,3 +167,121 @@ def test_resume_after_sigkill(tmp_path):
     assert settings["epochs"] == done + 1
     state = torch.load(ckpt, weights_only=True)
     assert [h["epoch"] for h in state["history"]] == list(range(1, done + 2))
+
+
+# --------------------------------------------------------------------------- GPU-path logic on CPU
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "capability", "expected"),
+    [
+        ("auto", "cuda", (9, 0), "bf16"),  # H100/H200
+        ("auto", "cuda", (8, 0), "bf16"),  # A100
+        ("auto", "cuda", (7, 0), "fp16"),  # V100: no fast bf16
+        ("fp16", "cuda", (9, 0), "fp16"),
+        ("off", "cuda", (9, 0), None),
+        ("auto", "cpu", None, None),
+        ("bf16", "cpu", None, None),
+    ],
+)
+def test_autocast_defaults_to_bf16_on_ampere_and_newer(mode, device, capability, expected):
+    from edge_ssl.pretrain import autocast_dtype_name
+
+    assert autocast_dtype_name(mode, device, capability) == expected
+
+
+def test_loss_is_read_back_every_log_every_steps_not_every_step(tmp_path, monkeypatch):
+    """The GPU path syncs only at read-outs: count them, and check the window means."""
+    import edge_ssl.pretrain as pretrain_module
+
+    reads = []
+    real = pretrain_module._read_loss
+    monkeypatch.setattr(pretrain_module, "_read_loss", lambda run, *a: reads.append(a[-2:]) or real(run, *a))
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=3, log_every=2, **TINY)
+    events = []
+    result = pretrain(config, _data(), tmp_path / "t.edge", progress=events.append)
+    assert reads == [(1, 2), (3, 3)]  # one full window and the epoch's tail
+    assert [e.step for e in events] == [2, 3]
+    assert result.history[0]["loss"] == pytest.approx((2 * events[0].loss + events[1].loss) / 3)
+
+    per_step = pretrain(PretrainConfig(method="simclr", epochs=1, steps_per_epoch=3, log_every=1, **TINY),
+                        _data(), tmp_path / "u.edge")
+    torch.testing.assert_close(_embed(per_step.encoder), _embed(result.encoder))  # same training
+
+
+def test_nan_found_at_a_read_out_names_the_window(tmp_path, monkeypatch):
+    import edge_ssl.methods as methods
+
+    real_create = methods.create_method
+
+    def poisoned(name, encoder, **kwargs):
+        method = real_create(name, encoder, **kwargs)
+        forward = method.forward
+        method.forward = lambda views: (forward(views)[0] * float("nan"), {})
+        return method
+
+    monkeypatch.setattr(methods, "create_method", poisoned)
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=3, log_every=3, **TINY)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, steps 1-3.*\(none yet\)"):
+        pretrain(config, _data(), tmp_path / "t.edge")
+
+
+class _CountingSource:
+    """A BatchSource that is not an ImageDataset (as a streaming source would be)."""
+
+    def __init__(self):
+        from edge_ssl.batches import InMemoryBatches
+
+        self.inner = InMemoryBatches(_data(32))
+        self.source, self.num_images, self.epochs = "counting", 32, []
+
+    def fingerprint(self):
+        return "fixed"
+
+    def steps_per_epoch(self, batch_size, world_size):
+        return self.inner.steps_per_epoch(batch_size, world_size)
+
+    def epoch_batches(self, epoch, batch_size, **kwargs):
+        self.epochs.append(epoch)
+        return self.inner.epoch_batches(epoch, batch_size, **kwargs)
+
+
+def test_pretrain_reads_any_batch_source(tmp_path):
+    source = _CountingSource()
+    config = PretrainConfig(method="byol", epochs=2, steps_per_epoch=1, **TINY)
+    result = pretrain(config, source, tmp_path / "t.edge")
+    assert source.epochs == [0, 1] and result.epochs_run == 2
+    assert Bundle.open(tmp_path / "t.edge").manifest.lineage[-1].settings["data"] == "counting"
+
+
+def test_output_checks_come_before_the_data_is_touched(tmp_path):
+    class Untouchable(_CountingSource):
+        def epoch_batches(self, *args, **kwargs):
+            raise AssertionError("data was read before the output check")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=1, **TINY)
+    with pytest.raises(ConfigError, match="cannot write to"):
+        pretrain(config, Untouchable(), blocker / "t.edge")
+    with pytest.raises(Exception, match="not a bundle"):
+        pretrain(config, Untouchable(), blocker, overwrite=True)
+
+
+@pytest.mark.slow
+def test_compile_flag_wraps_the_forward_and_keeps_clean_checkpoints(tmp_path, monkeypatch):
+    """--compile's wiring on CPU (dynamo with the eager backend: no C++ toolchain, seconds)."""
+    real_compile = torch.compile
+    modes = []
+
+    def eager_compile(model, mode=None):
+        modes.append(mode)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    config = PretrainConfig(method="simclr", epochs=1, steps_per_epoch=2, compile=True, **TINY)
+    result = pretrain(config, _data(), tmp_path / "t.edge")
+    assert modes == [None] and np.isfinite(result.final_loss)
+    state = torch.load(checkpoint_dir(tmp_path / "t.edge") / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in key for key in state["method"]), "checkpoint keys must not depend on --compile"
+    torch.testing.assert_close(_embed(load_encoder(Bundle.open(tmp_path / "t.edge"))), _embed(result.encoder))

@@ -9,10 +9,14 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from edge_ssl.config import check_flag, check_int, check_number
+from edge_ssl.distributed import gather_batch as gather_batch
+from edge_ssl.distributed import mean_over_ranks as mean_over_ranks
+from edge_ssl.distributed import rank as rank
+from edge_ssl.distributed import world_size as world_size
 from edge_ssl.errors import ConfigError
 from edge_ssl.registry import Registry
 
@@ -22,7 +26,11 @@ from edge_ssl.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Base of the per-method frozen configs; subclasses validate in ``__post_init__``."""
+    """Base of the per-method frozen configs; subclasses validate in ``__post_init__``.
+
+    The helpers below only bind :mod:`edge_ssl.config`'s validators to this config's
+    fields (one way to validate settings in the whole project).
+    """
 
     def _number(
         self,
@@ -34,104 +42,23 @@ class MethodConfig:
         high_open: bool = False,
     ) -> None:
         """Check that field ``name`` is a real number in the interval; store it as float."""
-        value = getattr(self, name)
-        interval = (
-            f"{'(' if low_open or low is None else '['}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+        number = check_number(
+            type(self).__name__, name, getattr(self, name), low, high,
+            low_open=low_open, high_open=high_open,
         )
-        owner = type(self).__name__
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(
-                f"{owner}.{name} must be a number in {interval}; got {value!r} "
-                f"({type(value).__name__})."
-            )
-        number = float(value)
-        too_low = low is not None and (number <= low if low_open else number < low)
-        too_high = high is not None and (number >= high if high_open else number > high)
-        if math.isnan(number) or too_low or too_high:
-            raise ConfigError(f"{owner}.{name} must be in {interval}; got {value!r}.")
         object.__setattr__(self, name, number)
 
     def _integer(self, name: str, minimum: int = 1) -> None:
         """Check that field ``name`` is an integer >= ``minimum``."""
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(
-                f"{type(self).__name__}.{name} must be an integer >= {minimum}; got {value!r}."
-            )
+        check_int(type(self).__name__, name, getattr(self, name), minimum)
 
     def _flag(self, name: str) -> None:
         """Check that field ``name`` is a bool (not a truthy string such as 'false')."""
-        value = getattr(self, name)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{type(self).__name__}.{name} must be true or false; got {value!r}.")
+        check_flag(type(self).__name__, name, getattr(self, name))
 
 
 # ---------------------------------------------------------------------------
-# Distributed: one place that knows about process groups. Single process: no calls.
-
-
-def world_size() -> int:
-    """Number of processes in the default group; 1 when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def rank() -> int:
-    """This process's rank in the default group; 0 when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """all_gather forward; backward sums each slice's gradient over ranks and keeps ours.
-
-    Written out (as in the VICReg authors' code) rather than taken from
-    ``torch.distributed.nn.functional.all_gather``, which torch 2.14 deprecates;
-    it needs only ``all_gather`` and ``all_reduce``, which every backend has.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(world_size())]
-        dist.all_gather(parts, tensor)
-        ctx.batch = tensor.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = rank() * ctx.batch
-        return grad[start : start + ctx.batch]
-
-
-def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
-    """(N, ...) on each rank -> (world_size * N, ...) in rank order, gradients kept.
-
-    The backward sums the gradients every rank sends back to its slice, so with
-    DDP's averaging of parameter gradients a loss computed on the gathered batch
-    gets the gradient of the global-batch loss. Every rank must use the same N
-    (drop the last incomplete batch).
-    """
-    if world_size() == 1:
-        return tensor
-    return _GatherWithGradient.apply(tensor)
-
-
-@torch.no_grad()
-def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over ranks (no gradient); ``tensor`` itself in one process."""
-    size = world_size()
-    if size == 1:
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total / size
-
+# Distributed helpers live in edge_ssl.distributed; re-exported for the methods.
 
 # ---------------------------------------------------------------------------
 # Heads
@@ -180,15 +107,7 @@ def layer_dims(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> l
 
 def check_progress(progress: float) -> float:
     """Training progress (step / total_steps) as a float in [0, 1]."""
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
-        raise ConfigError(f"progress must be a number in [0, 1]; got {progress!r}.")
-    value = float(progress)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(
-            f"progress must be step / total_steps in [0, 1]; got {progress!r}. "
-            "Pass the number of optimizer steps done divided by the planned total."
-        )
-    return value
+    return check_number("", "progress (optimizer steps done / planned total)", progress, 0.0, 1.0)
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:
@@ -338,12 +257,7 @@ class SSLMethod(nn.Module):
         shifts) get ``weight_decay=0``. Frozen parameters (target networks) are left
         out. Empty groups are dropped.
         """
-        if (
-            isinstance(weight_decay, bool)
-            or not isinstance(weight_decay, (int, float))
-            or not (weight_decay >= 0)
-        ):
-            raise ConfigError(f"weight_decay must be a number >= 0; got {weight_decay!r}.")
+        check_number("", "weight_decay", weight_decay, low=0)
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for name, param in self.named_parameters():
@@ -411,7 +325,8 @@ def detached_logs(**values: torch.Tensor | float) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             logs[key] = value.detach().reshape(())
         else:
-            logs[key] = torch.tensor(float(value), device=device)
+            # torch.full is a kernel; torch.tensor(..., device=cuda) is a blocking host copy.
+            logs[key] = torch.full((), float(value), device=device)
     return logs
 
 

@@ -269,6 +269,10 @@ class DINO(SSLMethod):
         self.criterion = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
         self.register_buffer("progress", torch.zeros(()))
         self.momentum = config.base_momentum
+        # A host copy of ``progress``: reading the buffer every step would stall the GPU.
+        # The buffer (for checkpoints) is read once after a state dict is loaded.
+        self._progress_host: float | None = 0.0
+        self.register_load_state_dict_post_hook(_forget_progress_host)
 
     @property
     def num_local_views(self) -> int:
@@ -278,7 +282,9 @@ class DINO(SSLMethod):
         self, views: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check_views(views)
-        progress = float(self.progress)
+        if self._progress_host is None:
+            self._progress_host = float(self.progress)
+        progress = self._progress_host
         batch = views[0].shape[0]
         features = encode_grouped(self.encoder, views)
         frozen = progress < self.config.freeze_last_layer_fraction
@@ -297,9 +303,14 @@ class DINO(SSLMethod):
         """EMA of the teacher after a step (momentum base -> 1 on a cosine); records progress."""
         progress = check_progress(progress)
         self.progress.fill_(progress)
+        self._progress_host = progress
         self.momentum = cosine_schedule(self.config.base_momentum, 1.0, progress)
         ema_update(self.teacher_encoder, self.encoder, self.momentum)
         ema_update(self.teacher_head, self.head, self.momentum)
 
     def trained_encoder(self) -> nn.Module:
         return self.teacher_encoder
+
+
+def _forget_progress_host(module: nn.Module, _incompatible: object) -> None:
+    module._progress_host = None
