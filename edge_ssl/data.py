@@ -45,6 +45,8 @@ class ImageDataset:
     class_names: tuple[str, ...] | None
     source: str
     skipped: int = 0
+    #: (file, why it was skipped) for every skipped file, in the order they were met.
+    skipped_files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         images = self.images
@@ -83,6 +85,7 @@ class ImageDataset:
             object.__setattr__(self, "class_names", names)
         if self.skipped < 0:
             raise DataError(f"{self.source}: skipped must be >= 0, got {self.skipped}.")
+        object.__setattr__(self, "skipped_files", tuple((str(f), str(r)) for f, r in self.skipped_files))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -101,6 +104,10 @@ class ImageDataset:
         """(H, W) of every image."""
         return int(self.images.shape[1]), int(self.images.shape[2])
 
+    def skipped_summary(self, shown: int = 3) -> str:
+        """'' when nothing was skipped, else the first ``shown`` skipped files with why, then a count."""
+        return describe_skipped(self.skipped_files, total=self.skipped, shown=shown)
+
     def subset(self, indices: Any) -> ImageDataset:
         """A new dataset with the images (and labels) at ``indices`` (ints or a boolean mask)."""
         index = np.asarray(indices)
@@ -116,6 +123,7 @@ class ImageDataset:
             class_names=self.class_names,
             source=f"{self.source} [subset of {len(images)}]",
             skipped=self.skipped,
+            skipped_files=self.skipped_files,
         )
 
 
@@ -185,7 +193,7 @@ def detect_format(path: str | os.PathLike) -> str:
             f"({', '.join(d.name for d in class_dirs[:5])}); it is ambiguous whether it is labeled. "
             "Move the loose images into a class subfolder, or pass a folder with only one kind."
         )
-    npz_files = [p.name for p in top_other if p.suffix.lower() == ".npz"]
+    npz_files = [os.path.basename(p) for p in top_other if p.lower().endswith(".npz")]
     if npz_files and (top_images or class_dirs):
         raise DataError(
             f"folder {str(path)!r} holds .npz data files ({', '.join(npz_files[:3])}) next to images; "
@@ -249,28 +257,48 @@ def split_dataset(
     n = len(ds)
     if n < 2:
         raise DataError(f"{ds.source}: cannot split {n} image(s) into train and test; need >= 2.")
-    n_test = min(n - 1, max(1, math.ceil(round(test_fraction * n, 9))))
-    rng = np.random.default_rng(seed)
-    if ds.labels is None:
-        test_idx = rng.permutation(n)[:n_test]
-    else:
-        classes, counts = np.unique(ds.labels, return_counts=True)
-        quotas = counts * (n_test / n)
-        per_class = np.floor(quotas).astype(np.int64)
-        short = n_test - int(per_class.sum())
-        per_class[np.argsort(-(quotas - per_class), kind="stable")[:short]] += 1
-        picks = [
-            rng.permutation(np.flatnonzero(ds.labels == label))[:take]
-            for label, take in zip(classes, per_class, strict=True)
-        ]
-        test_idx = np.concatenate(picks)
-    is_test = np.zeros(n, dtype=bool)
-    is_test[test_idx] = True
+    is_test = split_mask(n, ds.labels, test_fraction, seed)
     train, test = ds.subset(~is_test), ds.subset(is_test)
     return (
         replace(train, source=f"{ds.source}, train part ({len(train)} images)"),
         replace(test, source=f"{ds.source}, test part ({len(test)} images)"),
     )
+
+
+def split_mask(n: int, labels: np.ndarray | None, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the test part of :func:`split_dataset` for ``n`` items (labels or None).
+
+    Shared by in-memory and streamed sources, so both split a folder the same way.
+    """
+    n_test = min(n - 1, max(1, math.ceil(round(test_fraction * n, 9))))
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        test_idx = rng.permutation(n)[:n_test]
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        quotas = counts * (n_test / n)
+        per_class = np.floor(quotas).astype(np.int64)
+        short = n_test - int(per_class.sum())
+        per_class[np.argsort(-(quotas - per_class), kind="stable")[:short]] += 1
+        picks = [
+            rng.permutation(np.flatnonzero(labels == label))[:take]
+            for label, take in zip(classes, per_class, strict=True)
+        ]
+        test_idx = np.concatenate(picks)
+    is_test = np.zeros(n, dtype=bool)
+    is_test[test_idx] = True
+    return is_test
+
+
+def describe_skipped(files: Sequence[tuple[str, str]], *, total: int | None = None, shown: int = 3) -> str:
+    """'skipped 5 files: a.png (why), b.txt (why), c.png (why) and 2 more' ('' for none)."""
+    total = len(files) if total is None else total
+    if total <= 0:
+        return ""
+    named = ", ".join(f"{name} ({why})" for name, why in files[:shown])
+    rest = total - min(shown, len(files))
+    more = f" and {rest} more" if rest > 0 and named else ""
+    return f"skipped {total} file{'s' if total != 1 else ''}" + (f": {named}{more}" if named else "")
 
 
 # -- single sources ---------------------------------------------------------------------------
@@ -309,8 +337,8 @@ def _load_many(
     if len(sizes) > 1:
         listed = ", ".join(f"{h}x{w} from {part.source}" for part in parts for h, w in [part.image_size])
         raise DataError(
-            f"data sources have different image sizes ({listed}); pass image_size=N to resize "
-            "them all to NxN."
+            f"data sources have different image sizes ({listed}); pass --image-size N "
+            "(image_size=N in Python) to resize them all to NxN."
         )
     names = {part.class_names for part in parts}
     labeled = all(part.labels is not None for part in parts) and len(names) == 1
@@ -320,6 +348,7 @@ def _load_many(
         class_names=parts[0].class_names if labeled else None,
         source=" + ".join(part.source for part in parts),
         skipped=sum(part.skipped for part in parts),
+        skipped_files=tuple(item for part in parts for item in part.skipped_files),
     )
 
 
@@ -346,6 +375,11 @@ def _load_npz(path: Path, limit: int | None) -> ImageDataset:
             ) from exc
         raise DataError(f"cannot read .npz file {path}: {exc} (truncated or corrupt?).") from exc
     x = _npz_images(path, x)
+    if len(x) == 0:
+        raise DataError(
+            f"{path}: .npz file is empty: 'x' holds 0 images (shape {tuple(x.shape)}). "
+            "Save at least one image in 'x', or pass another --data source."
+        )
     labels = None
     if y is not None:
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -511,11 +545,14 @@ def _load_cifar(path: Path, split: str, limit: int | None) -> ImageDataset:
 
 
 def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _scan_folder(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(image files, other files, non-hidden subfolders) directly in ``path``, sorted."""
+def _scan_folder(path: Path) -> tuple[list[str], list[str], list[Path]]:
+    """(image files, other files, non-hidden subfolders) directly in ``path``, sorted.
+
+    Files are plain strings: a flat folder of a million images is listed in seconds.
+    """
     images, other, subdirs = [], [], []
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
@@ -526,15 +563,15 @@ def _scan_folder(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
             if not entry.name.startswith("."):
                 subdirs.append(Path(entry.path))
         elif entry.is_file():
-            (images if _is_image_name(entry.name) else other).append(Path(entry.path))
+            (images if _is_image_name(entry.name) else other).append(entry.path)
     return images, other, subdirs
 
 
-def _walk_files(folder: Path) -> list[Path]:
+def _walk_files(folder: Path) -> list[str]:
     files = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / name for name in sorted(names))
+        files.extend(os.path.join(root, name) for name in sorted(names))
     return files
 
 
@@ -546,12 +583,12 @@ def _has_image(folder: Path) -> bool:
     return False
 
 
-def _describe_files(files: list[Path]) -> str:
+def _describe_files(files: list[str]) -> str:
     if not files:
         return "it is empty"
     counts: dict[str, int] = {}
     for file in files:
-        suffix = file.suffix.lower() or "no extension"
+        suffix = os.path.splitext(file)[1].lower() or "no extension"
         counts[suffix] = counts.get(suffix, 0) + 1
     listed = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
     return f"found {len(files)} other file(s): {listed}"
@@ -560,48 +597,33 @@ def _describe_files(files: list[Path]) -> str:
 def _load_folder(path: Path, *, labeled: bool, image_size: int | None, limit: int | None) -> ImageDataset:
     from PIL import Image
 
-    top_images, top_other, subdirs = _scan_folder(path)
-    entries: list[tuple[Path, int]] = []
-    skipped = 0
-    class_names: tuple[str, ...] | None = None
-    if labeled:
-        class_dirs = [d for d in subdirs if _has_image(d)]
-        class_names = tuple(d.name for d in class_dirs)
-        for label, folder in enumerate(class_dirs):
-            for file in _walk_files(folder):
-                if _is_image_name(file.name):
-                    entries.append((file, label))
-                else:
-                    skipped += 1
-    else:
-        entries = [(file, -1) for file in top_images]
-    skipped += len(top_other)
-
+    entries, class_names, skipped_files = list_image_files(path, labeled=labeled)
     target = image_size
     native: tuple[int, int] | None = None
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     for file, label in entries:
-        image = _decode(file)
+        image, why = decode_image_file(file)
         if image is None:
-            skipped += 1
+            skipped_files.append((_relative(file, path), why))
             continue
         if target is None:
             native = native or image.size
             if image.size != native:
                 # Sizes differ: fall back to one square size and bring earlier images to it.
                 target = MIXED_SIZE_DEFAULT
-                arrays = [np.asarray(_fit_square(Image.fromarray(a), target)) for a in arrays]
+                arrays = [np.asarray(fit_square(Image.fromarray(a), target)) for a in arrays]
         if target is not None:
-            image = _fit_square(image, target)
+            image = fit_square(image, target)
         arrays.append(np.asarray(image, dtype=np.uint8))
         labels.append(label)
         if limit is not None and len(arrays) >= limit:
             break
+    skipped = len(skipped_files)
     if not arrays:
         raise DataError(
             f"folder {str(path)!r} has no readable images: {len(entries)} file(s) with an image "
-            f"extension failed to decode, {skipped - len(entries)} other file(s) skipped. {_ACCEPTED}"
+            f"extension failed to decode; {describe_skipped(skipped_files)}. {_ACCEPTED}"
         )
     kind = "image-folder" if labeled else "image-flat"
     what = f"{len(class_names)} classes" if class_names is not None else "unlabeled"
@@ -611,23 +633,80 @@ def _load_folder(path: Path, *, labeled: bool, image_size: int | None, limit: in
         class_names=class_names,
         source=f"{kind} {path} ({len(arrays)} images, {what}, {skipped} skipped)",
         skipped=skipped,
+        skipped_files=tuple(skipped_files),
     )
 
 
-def _decode(path: Path) -> Any:
-    """The image at ``path`` as an RGB PIL image, or None when Pillow cannot read it."""
+def list_image_files(
+    path: Path, *, labeled: bool
+) -> tuple[list[tuple[str, int]], tuple[str, ...] | None, list[tuple[str, str]]]:
+    """(image files with labels (-1 when unlabeled), class names, skipped (file, why)) of a folder.
+
+    Nothing is decoded: the streaming path lists million-image folders with this.
+    """
+    top_images, top_other, subdirs = _scan_folder(path)
+    entries: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    class_names: tuple[str, ...] | None = None
+    if labeled:
+        class_dirs = [d for d in subdirs if _has_image(d)]
+        class_names = tuple(d.name for d in class_dirs)
+        for label, folder in enumerate(class_dirs):
+            for file in _walk_files(folder):
+                if _is_image_name(file):
+                    entries.append((file, label))
+                else:
+                    skipped.append((_relative(file, path), _not_image_reason(file)))
+    else:
+        entries = [(file, -1) for file in top_images]
+    skipped.extend((_relative(file, path), _not_image_reason(file)) for file in top_other)
+    return entries, class_names, skipped
+
+
+def _relative(file: str, root: Path) -> str:
+    return os.path.relpath(file, root)
+
+
+def _not_image_reason(file: str) -> str:
+    suffix = os.path.splitext(file)[1].lower()
+    return f"not an image: {suffix + ' file' if suffix else 'file without extension'}"
+
+
+def decode_image_file(path: str | os.PathLike) -> tuple[Any, str]:
+    """(RGB PIL image, '') for the image at ``path``, or (None, why Pillow could not read it)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    return decode_image_bytes(data)
+
+
+def decode_image_bytes(data: bytes) -> tuple[Any, str]:
+    """(RGB PIL image with EXIF orientation applied, '') or (None, why it could not be decoded)."""
+    import io
+
     from PIL import Image, ImageOps
 
+    if not data:
+        return None, "corrupt image: the file is empty (0 bytes)"
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             try:
                 image = ImageOps.exif_transpose(opened)
             except (OSError, ValueError, TypeError, KeyError):
                 image = opened.copy()
-            return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return None
+            return _to_rgb(image), ""
+    except Image.DecompressionBombError as exc:
+        return None, f"too large to decode safely ({exc})"
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return None, f"corrupt image: {_pil_reason(exc)}"
+
+
+def _pil_reason(exc: Exception) -> str:
+    text = str(exc).split(" <_io.BytesIO", 1)[0].strip().rstrip(":")
+    return text or type(exc).__name__
 
 
 def _to_rgb(image: Any) -> Any:
@@ -644,7 +723,7 @@ def _to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def _fit_square(image: Any, size: int) -> Any:
+def fit_square(image: Any, size: int) -> Any:
     """Shorter side to ``size`` (bilinear, antialiased when shrinking), then centre crop."""
     from PIL import Image
 
@@ -681,7 +760,7 @@ def _limited(dataset: ImageDataset, limit: int | None) -> ImageDataset:
 def _resized(dataset: ImageDataset, size: int) -> ImageDataset:
     from PIL import Image
 
-    images = np.stack([np.asarray(_fit_square(Image.fromarray(a), size)) for a in dataset.images])
+    images = np.stack([np.asarray(fit_square(Image.fromarray(a), size)) for a in dataset.images])
     return replace(dataset, images=images, source=f"{dataset.source}, resized to {size}x{size}")
 
 

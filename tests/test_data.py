@@ -187,6 +187,39 @@ def test_class_subfolders_are_labeled_and_non_images_are_skipped(tmp_path: Path)
     assert tuple(ds.images[0, 0, 0]) == (255, 0, 0) and tuple(ds.images[1, 0, 0]) == (128, 128, 128)
 
 
+def test_corrupt_images_are_named_with_why_then_counted(tmp_path: Path) -> None:
+    _write_png(tmp_path / "cat" / "good.png")
+    _write_png(tmp_path / "dog" / "good.png")
+    for i in range(4):
+        (tmp_path / "dog" / f"broken{i}.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "dog" / "empty.png").write_bytes(b"")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    ds = load_images(tmp_path)
+    assert len(ds) == 2 and ds.skipped == 6
+    reasons = dict(ds.skipped_files)
+    assert reasons[str(Path("cat") / "notes.txt")] == "not an image: .txt file"
+    assert reasons[str(Path("dog") / "broken0.png")].startswith("corrupt image: cannot identify")
+    assert "empty (0 bytes)" in reasons[str(Path("dog") / "empty.png")]
+    summary = ds.skipped_summary()
+    assert summary.startswith("skipped 6 files: cat/notes.txt (not an image: .txt file), dog/broken0.png (corrupt")
+    assert summary.endswith("and 3 more") and "non-image" not in summary
+    (tmp_path / "cat" / "notes.txt").unlink()
+    assert load_images(tmp_path / "cat").skipped_summary() == ""
+    only_broken = tmp_path / "only"
+    (only_broken / "x").mkdir(parents=True)
+    (only_broken / "x" / "bad.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match=r"no readable images.*x/bad.png \(corrupt image"):
+        load_images(only_broken)
+
+
+def test_empty_npz_says_it_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.npz"
+    np.savez(path, x=np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match="empty.npz: .npz file is empty: 'x' holds 0 images") as info:
+        load_images(path)
+    assert "batch" not in str(info.value)
+
+
 def test_flat_folder_is_unlabeled_and_mixed_sizes_become_default_square(tmp_path: Path) -> None:
     _write_png(tmp_path / "wide.png", size=(40, 20))
     Image.new("RGB", (10, 10), (1, 2, 3)).save(tmp_path / "small.bmp")
@@ -303,7 +336,7 @@ def test_sources_of_different_sizes_need_image_size(tmp_path: Path) -> None:
     np.savez(tmp_path / "small.npz", x=_rgb(2, 8, 8))
     np.savez(tmp_path / "big.npz", x=_rgb(2, 16, 16))
     sources = [tmp_path / "small.npz", tmp_path / "big.npz"]
-    with pytest.raises(DataError, match="different image sizes .*pass image_size"):
+    with pytest.raises(DataError, match="different image sizes .*pass --image-size N"):
         load_images(sources)
     assert load_images(sources, image_size=12).images.shape == (4, 12, 12, 3)
 
