@@ -1,0 +1,280 @@
+"""Compress the real SSL teacher (distill -> prune -> INT8) and measure every stage side by side.
+
+    python benchmarks/compress.py --teacher ../shared/teachers/simclr_resnet18_cifar.edge \
+        --data ../shared/data/cifar10 [--quick] --out results.json
+
+Distillation, pruning and calibration use the unlabeled train files; kNN top-1 (k=20) uses the
+labeled train files as the bank and cifar10_test.npz as the test set, for every stage, through
+the same onnxruntime CPU graph the latency is measured on. Latency: the runtime's harness
+(`edge_ssl.runtime.bench.benchmark`), p50 at batch 1 and 32. The SSL-alone baseline trains the
+same student with SimCLR for the same wall-clock time the distillation took. With the [inc]
+extra, Intel Neural Compressor's PyTorch INT8 path is compared with the ORT QDQ path.
+Numbers are only compared within one run (one machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"unlabeled": 2000, "bank_per_file": 500, "test": 500, "width": 0.25, "epochs": 3,
+         "cache_views": 2, "batch_size": 128, "prune_importance": "l2", "recovery_epochs": 0,
+         "calibration_images": 128, "bench_seconds": 2.0}
+FULL = {"unlabeled": None, "bank_per_file": None, "test": None, "width": 0.25, "epochs": 20,
+        "cache_views": 4, "batch_size": 256, "prune_importance": "taylor", "recovery_epochs": 2,
+        "calibration_images": 512, "bench_seconds": 5.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=ROOT.parent / "shared" / "teachers" / "simclr_resnet18_cifar.edge")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--quick", action="store_true", help="small data and few epochs (< 10 min on 2 cores)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where stage bundles go (default: a temp dir)")
+    parser.add_argument("--device", default="auto", help="training device (auto, cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--skip-inc", action="store_true", help="do not run the neural-compressor comparison")
+    return parser.parse_args(argv)
+
+
+def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(unlabeled train images, labeled bank, labeled test) from the CIFAR-10 subset."""
+    import numpy as np
+
+    from edge_ssl.data import ImageDataset, load_images
+
+    files = [data_dir / f"cifar10_train_{i}.npz" for i in range(4)]
+    test_file = data_dir / "cifar10_test.npz"
+    missing = [str(p) for p in [*files, test_file] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"CIFAR-10 subset not found ({missing[0]}); see ../shared/data/README.md")
+    per_file = settings["bank_per_file"]
+    bank = load_images([str(f) for f in files]) if per_file is None else _concat(
+        [load_images(str(f), limit=per_file) for f in files])
+    test = load_images(str(test_file), limit=settings["test"])
+    count = settings["unlabeled"] or len(bank)
+    unlabeled = ImageDataset(np.ascontiguousarray(bank.images[:count]), None, None,
+                             f"{data_dir} train files (labels unused, {count} images)")
+    return unlabeled, bank, test
+
+
+def _concat(parts: list[Any]) -> Any:
+    import numpy as np
+
+    from edge_ssl.data import ImageDataset
+
+    return ImageDataset(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                        parts[0].class_names, " + ".join(p.source for p in parts))
+
+
+class Meter:
+    """Every stage measured the same way: ONNX on onnxruntime CPU for kNN and latency."""
+
+    def __init__(self, knn: Any, workdir: Path, seconds: float, threads: int | None) -> None:
+        self.knn, self.workdir, self.seconds, self.threads = knn, workdir, seconds, threads
+
+    def graph(self, bundle: Any, name: str) -> Path:
+        if not bundle.has("model.pt"):
+            return bundle.file("model.onnx")
+        from edge_ssl.runtime.export import export_encoder_onnx
+
+        from edge_ssl.models import load_encoder
+
+        return export_encoder_onnx(load_encoder(bundle), self.workdir / f"{name}.onnx")
+
+    def row(self, name: str, bundle: Any) -> dict[str, Any]:
+        from edge_ssl.compress.measure import model_metrics, ort_latency_ms
+        from edge_ssl.compress.quantize import onnx_embed
+
+        from edge_ssl.models import load_encoder
+
+        spec = bundle.manifest.input
+        graph = self.graph(bundle, name)
+        if bundle.has("model.pt"):
+            sizes = model_metrics(load_encoder(bundle))
+        else:
+            sizes = {k: bundle.manifest.metrics.get(k) for k in ("params", "macs")}
+        started = time.perf_counter()
+        top1 = self.knn.top1(lambda images: onnx_embed(graph, images, spec))
+        row = {"name": name, "params": sizes["params"], "macs": sizes["macs"],
+               "bytes": graph.stat().st_size, "knn_top1": top1,
+               "ort_cpu_ms_b1": ort_latency_ms(graph, spec, 1, seconds=self.seconds, threads=self.threads),
+               "ort_cpu_ms_b32": ort_latency_ms(graph, spec, 32, seconds=self.seconds, threads=self.threads),
+               "precision": bundle.manifest.precision, "bundle": str(bundle.path),
+               "manifest_sha256": bundle.manifest_sha256}
+        log(f"{name:10s} params {row['params']:>10,}  MACs {row['macs']:>13,}  bytes {row['bytes']:>10,}  "
+            f"kNN {100 * top1:6.2f}%  b1 {row['ort_cpu_ms_b1']:.3f} ms  b32 {row['ort_cpu_ms_b32']:.2f} ms  "
+            f"(measure {time.perf_counter() - started:.0f} s)")
+        return row
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ssl_alone(student_kwargs: dict[str, Any], data: Any, seconds: float, settings: dict[str, Any],
+              out: Path, device: str) -> tuple[Any, int]:
+    """SimCLR on the same student for (at least) the same wall-clock time as distillation."""
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.pretrain import PretrainConfig, pretrain
+
+    started, epochs = time.perf_counter(), 0
+    while epochs == 0 or time.perf_counter() - started < seconds:
+        epochs += 1
+        config = PretrainConfig(method="simclr", arch="resnet18_cifar", arch_kwargs=student_kwargs,
+                                epochs=epochs, batch_size=settings["batch_size"], warmup_epochs=0.0,
+                                device=device)
+        pretrain(config, data, out, resume=epochs > 1, overwrite=epochs == 1)
+    return Bundle.open(out), epochs
+
+
+def inc_comparison(pruned: Any, images: Any, ort_row: dict[str, Any], knn: Any, seconds: float) -> dict[str, Any]:
+    """INC 3.x PyTorch static INT8 (autotune) vs the ORT QDQ graph, on the same pruned model."""
+    import numpy as np
+    import torch
+    from edge_ssl.compress.calibration import ImageCalibrationReader
+    from edge_ssl.compress.inc import quantize_inc
+    from edge_ssl.runtime.preprocess import preprocess_images
+
+    from edge_ssl.models import load_encoder
+
+    encoder = load_encoder(pruned)
+    spec = encoder.spec.input
+    started = time.perf_counter()
+    result = quantize_inc(encoder, ImageCalibrationReader(images, spec))
+    quantize_s = time.perf_counter() - started
+
+    def embed(batch_images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([result.model(torch.from_numpy(preprocess_images(batch_images[i:i + 256], spec))).numpy()
+                                   for i in range(0, len(batch_images), 256)])
+
+    def latency(batch: int) -> float:
+        x = torch.from_numpy(preprocess_images(images[:batch], spec))
+        times, end = [], time.perf_counter() + seconds
+        with torch.no_grad():
+            result.model(x)
+            while time.perf_counter() < end or len(times) < 5:
+                t0 = time.perf_counter()
+                result.model(x)
+                times.append(1000 * (time.perf_counter() - t0))
+        return float(np.median(times))
+
+    top1 = knn.top1(embed)
+    return {"inc_version": result.version, "inc_knn_top1": top1, "ort_knn_top1": ort_row["knn_top1"],
+            "inc_mean_cosine_vs_fp32": result.mean_cosine, "inc_quantize_seconds": quantize_s,
+            "inc_torch_ms_b1": latency(1), "inc_torch_ms_b32": latency(32),
+            "ort_int8_ms_b1": ort_row["ort_cpu_ms_b1"], "ort_int8_ms_b32": ort_row["ort_cpu_ms_b32"],
+            "knn_diff_pts_inc_minus_ort": 100 * (top1 - ort_row["knn_top1"]),
+            "note": "INC's model is PyTorch PT2E Q/DQ in eager mode (torch.compile would be needed for "
+                    "INT8 kernels); ORT runs its QDQ graph with INT8 kernels."}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    import torch
+    from edge_ssl.compress.distill import DistillConfig, distill
+    from edge_ssl.compress.inc import inc_available
+    from edge_ssl.compress.measure import KnnData
+    from edge_ssl.compress.prune import PruneConfig, prune
+    from edge_ssl.compress.quantize import QuantizeConfig, quantize
+
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.environment import describe_environment
+
+    started = time.perf_counter()
+    teacher = Bundle.open(args.teacher, verify=True)
+    unlabeled, bank, test = load_data(args.data, settings)
+    knn = KnnData.from_datasets(bank, test)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-ssl-bench-compress-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    meter = Meter(knn, workdir, settings["bench_seconds"], args.threads)
+    timings: dict[str, float] = {}
+    log(f"data: {len(unlabeled)} unlabeled, bank {len(bank)}, test {len(test)}; work dir {workdir}")
+
+    rows = [meter.row("teacher", teacher)]
+    student_kwargs = {"width": settings["width"]}
+    t0 = time.perf_counter()
+    distilled = distill(teacher, DistillConfig(
+        student="resnet18_cifar", student_kwargs=student_kwargs, objectives=("feature", "seed"),
+        epochs=settings["epochs"], batch_size=settings["batch_size"], cache_views=settings["cache_views"],
+        warmup_epochs=min(1.0, settings["epochs"] / 5), device=args.device,
+    ), unlabeled, workdir / "1-distill.edge", overwrite=True)
+    timings["distill_s"] = time.perf_counter() - t0
+    rows.append(meter.row("distill", distilled.bundle))
+
+    t0 = time.perf_counter()
+    baseline, ssl_epochs = ssl_alone(student_kwargs, unlabeled, timings["distill_s"], settings,
+                                     workdir / "ssl-alone.edge", args.device)
+    timings["ssl_alone_s"] = time.perf_counter() - t0
+    ssl_row = meter.row("ssl_alone", baseline)
+
+    t0 = time.perf_counter()
+    pruned = prune(distilled.bundle, PruneConfig(
+        ratio=0.5, importance=settings["prune_importance"], recovery_epochs=settings["recovery_epochs"],
+        batch_size=min(64, settings["batch_size"]), device=args.device,
+        recovery={"cache_views": settings["cache_views"], "batch_size": settings["batch_size"]},
+    ), unlabeled, workdir / "2-prune.edge", overwrite=True).bundle
+    timings["prune_s"] = time.perf_counter() - t0
+    rows.append(meter.row("prune", pruned))
+
+    t0 = time.perf_counter()
+    quantized, report = quantize(pruned, QuantizeConfig(
+        target="ort-cpu", calibration="minmax", calibration_images=settings["calibration_images"],
+        min_cosine=0.98, max_fallback=4,
+    ), unlabeled.images, workdir / "3-int8.edge", overwrite=True, log=log)
+    timings["quantize_s"] = time.perf_counter() - t0
+    rows.append(meter.row("int8", quantized))
+
+    fp32, int8, first = rows[2], rows[3], rows[0]
+    summary: dict[str, Any] = {
+        "speedup_b1": first["ort_cpu_ms_b1"] / int8["ort_cpu_ms_b1"],
+        "speedup_b32": first["ort_cpu_ms_b32"] / int8["ort_cpu_ms_b32"],
+        "knn_drop_pts": 100 * (first["knn_top1"] - int8["knn_top1"]),
+        "distill_vs_ssl_alone_pts": 100 * (rows[1]["knn_top1"] - ssl_row["knn_top1"]),
+        "int8_vs_fp32_speedup_b1": fp32["ort_cpu_ms_b1"] / int8["ort_cpu_ms_b1"],
+        "int8_vs_fp32_speedup_b32": fp32["ort_cpu_ms_b32"] / int8["ort_cpu_ms_b32"],
+        "int8_knn_drop_pts": 100 * (fp32["knn_top1"] - int8["knn_top1"]),
+        "int8_fallback_layers": report.fallback_layers,
+        "ssl_alone_epochs": ssl_epochs,
+    }
+    reason = None if not args.skip_inc else "--skip-inc"
+    reason = reason or inc_available()
+    if reason is None:
+        t0 = time.perf_counter()
+        summary["inc_vs_ort"] = inc_comparison(pruned, unlabeled.images[: settings["calibration_images"]],
+                                               int8, knn, settings["bench_seconds"])
+        timings["inc_s"] = time.perf_counter() - t0
+    else:
+        summary["inc_vs_ort"] = None
+        summary["inc_skipped"] = reason
+    timings["total_s"] = time.perf_counter() - started
+    result = {
+        "command": "python benchmarks/compress.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "mode": "quick" if args.quick else "full",
+        "teacher": {**rows[0], "path": str(args.teacher)},
+        "stages": rows[1:],
+        "ssl_alone": ssl_row,
+        "summary": summary,
+        "final_bundle": {"path": int8["bundle"], "manifest_sha256": int8["manifest_sha256"]},
+        "settings": settings,
+        "timings": timings,
+        "environment": describe_environment(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Compression commands: distill, prune, quantize and the compress recipe (heavy imports inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edge_ssl.commands.common import (
+    DataOpt,
+    JsonOpt,
+    KwOpt,
+    TrainingProgress,
+    app,
+    data_source,
+    emit_json,
+    parse_key_values,
+    stderr_console,
+)
+
+EvalDataOpt = Annotated[
+    list[str] | None,
+    typer.Option("--eval-data", help="Labeled images for the kNN bank (repeatable), e.g. cifar10_train_*.npz."),
+]
+EvalTestOpt = Annotated[
+    list[str] | None,
+    typer.Option("--eval-test", help="Labeled test images for kNN top-1, e.g. cifar10_test.npz."),
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N unlabeled images.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing OUT.")]
+
+
+def _images_for(bundle: Path, data: list[str] | None, limit: int | None) -> Any:
+    """Unlabeled images at the bundle's input size (resized when the source differs)."""
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.data import load_images
+
+    size = Bundle.open(bundle, verify=False).manifest.input.shape[1]
+    return load_images(data_source(data), split="train", image_size=size, limit=limit)
+
+
+def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None) -> Any:
+    from edge_ssl.compress.measure import KnnData
+    from edge_ssl.data import load_images
+    from edge_ssl.errors import ConfigError
+
+    if not eval_data and not eval_test:
+        return None
+    if not eval_data or not eval_test:
+        raise ConfigError("kNN evaluation needs both --eval-data (bank) and --eval-test (queries).")
+    return KnnData.from_datasets(load_images(list(eval_data)), load_images(list(eval_test)))
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Argument(help="Teacher bundle (float; a quantized one is traced to its float parent).")],
+    student: Annotated[str, typer.Option(help="Student encoder name (see `edge-ssl encoders`).")],
+    out: Annotated[Path, typer.Option(help="Student bundle to write.")],
+    data: DataOpt = None,
+    arch_opt: KwOpt = None,
+    objective: Annotated[list[str] | None, typer.Option(help="feature, seed, ssl (repeatable; default feature + seed).")] = None,
+    weight: Annotated[list[str] | None, typer.Option(help="OBJECTIVE=WEIGHT, e.g. seed=0.5 (repeatable).")] = None,
+    ssl_method: Annotated[str, typer.Option(help="The student's own SSL loss for --objective ssl.")] = "simclr",
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = 256,
+    lr: Annotated[float, typer.Option(help="AdamW LR for batch 256 (scaled linearly).")] = 2e-3,
+    warmup_epochs: Annotated[float, typer.Option()] = 1.0,
+    queue_size: Annotated[int, typer.Option(help="SEED queue length (teacher embeddings).")] = 4096,
+    cache_views: Annotated[int | None, typer.Option(help="Fixed views per image whose teacher embeddings are cached (0 = none; default: 4 on CPU, 0 on GPU).")] = None,
+    teacher_precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 (GPU only).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick trials).")] = None,
+    limit: LimitOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop.")] = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Distill an SSL teacher into a smaller student on unlabeled images. Runs under torchrun (DDP)."""
+    from edge_ssl.compress.distill import DistillConfig
+    from edge_ssl.compress.distill import distill as run_distill
+
+    weights = {k: float(v) for k, v in parse_key_values(weight, "--weight").items()}
+    config = DistillConfig(
+        student=student, student_kwargs=parse_key_values(arch_opt, "--arch-opt"),
+        objectives=tuple(objective or ("feature", "seed")), weights=weights, ssl_method=ssl_method,
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+        queue_size=queue_size, cache_views=cache_views, teacher_precision=teacher_precision,
+        device=device, seed=seed, steps_per_epoch=steps_per_epoch,
+    )
+    dataset = _images_for(teacher, data, limit)
+    with TrainingProgress(stderr_console()) as bar:
+        result = run_distill(teacher, config, dataset, out, resume=resume, overwrite=overwrite,
+                             progress=bar.update)
+    if result.bundle is None:
+        return
+    summary = {"bundle": str(result.bundle.path), "manifest_sha256": result.bundle.manifest_sha256,
+               "final_loss": result.final_loss, "images_per_second": result.images_per_second,
+               "params": result.bundle.manifest.metrics.get("params")}
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {summary['bundle']}  loss {result.final_loss:.4f}  "
+                   f"{summary['params'] / 1e6:.2f}M params  {result.images_per_second:.0f} images/s")
+
+
+@app.command()
+def prune(
+    bundle: Annotated[Path, typer.Argument(help="Float bundle to prune (a quantized one is traced to its float parent).")],
+    out: Annotated[Path, typer.Option(help="Pruned bundle to write.")],
+    ratio: Annotated[float, typer.Option(help="Fraction of channels to remove, in (0, 1).")] = 0.5,
+    data: DataOpt = None,
+    importance: Annotated[str, typer.Option(help="l1, l2, bn_scale or taylor (uses --data).")] = "l2",
+    scope: Annotated[str, typer.Option(help="global (rank channels across layers) or uniform.")] = "global",
+    round_to: Annotated[int, typer.Option(help="Keep channel counts multiples of this (TensorRT likes 8).")] = 8,
+    exclude: Annotated[list[str] | None, typer.Option(help="Module name pattern never pruned, e.g. 'backbone.conv1' (repeatable).")] = None,
+    steps: Annotated[int, typer.Option(help="Iterative pruning steps.")] = 1,
+    recovery_epochs: Annotated[int, typer.Option(help="Recovery distillation epochs from the unpruned model after each step.")] = 0,
+    prune_heads: Annotated[bool, typer.Option(help="ViT: remove whole heads instead of shrinking head dims.")] = False,
+    device: Annotated[str, typer.Option(help="Device for recovery distillation.")] = "cpu",
+    limit: LimitOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Structured pruning: channels (CNN) or heads / MLP width (ViT) are physically removed."""
+    from edge_ssl.compress.prune import PruneConfig
+    from edge_ssl.compress.prune import prune as run_prune
+
+    config = PruneConfig(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
+                         exclude=tuple(exclude or ()), steps=steps, recovery_epochs=recovery_epochs,
+                         prune_heads=prune_heads, device=device)
+    needs_data = importance == "taylor" or recovery_epochs > 0 or data
+    dataset = _images_for(bundle, data, limit) if needs_data else None
+    result = run_prune(bundle, config, dataset, out, overwrite=overwrite)
+    first, last = result.steps[0], result.steps[-1]
+    summary = {"bundle": str(result.bundle.path), "manifest_sha256": result.bundle.manifest_sha256,
+               "params_before": first["params"], "params": last["params"],
+               "macs_before": first["macs"], "macs": last["macs"]}
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {summary['bundle']}  params {first['params'] / 1e6:.2f}M -> {last['params'] / 1e6:.2f}M  "
+                   f"MACs {first['macs'] / 1e6:.1f}M -> {last['macs'] / 1e6:.1f}M")
+
+
+@app.command()
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="Float bundle to quantize.")],
+    out: Annotated[Path, typer.Option(help="Quantized bundle to write (model.onnx = the INT8/FP16 graph).")],
+    data: DataOpt = None,
+    precision: Annotated[str, typer.Option(help="int8 (calibrated QDQ) or fp16.")] = "int8",
+    target: Annotated[str, typer.Option(help="ort-cpu (U8S8) or tensorrt (S8S8 symmetric).")] = "ort-cpu",
+    calibration: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    calibration_images: Annotated[int, typer.Option(help="Unlabeled images used for calibration.")] = 256,
+    min_cosine: Annotated[float | None, typer.Option(help="Keep sensitive layers float until the mean embedding cosine vs FP32 reaches this.")] = None,
+    max_knn_drop: Annotated[float | None, typer.Option(help="Keep sensitive layers float until kNN top-1 drops at most this many points (needs --eval-data/--eval-test).")] = None,
+    max_fallback: Annotated[int, typer.Option(help="At most this many layers kept float.")] = 16,
+    eval_data: EvalDataOpt = None,
+    eval_test: EvalTestOpt = None,
+    limit: LimitOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Post-training quantization of a bundle's encoder to INT8 (onnxruntime QDQ) or FP16."""
+    from edge_ssl.compress.quantize import QuantizeConfig
+    from edge_ssl.compress.quantize import quantize as run_quantize
+
+    config = QuantizeConfig(precision=precision, target=target, calibration=calibration,
+                            calibration_images=calibration_images, min_cosine=min_cosine,
+                            max_knn_drop=max_knn_drop, max_fallback=max_fallback)
+    knn = _knn_data(eval_data, eval_test)
+    images = _images_for(bundle, data, limit or calibration_images).images
+    console = stderr_console()
+    written, report = run_quantize(bundle, config, images, out, knn=knn, overwrite=overwrite,
+                                   log=lambda m: console.print(m))
+    summary = {"bundle": str(written.path), "manifest_sha256": written.manifest_sha256,
+               **{k: v for k, v in report.to_dict().items() if k not in ("trials", "sensitivity")}}
+    if as_json:
+        emit_json(summary)
+        return
+    typer.echo(f"wrote {written.path}  {precision} for {target}  cosine mean {report.mean_cosine:.4f} "
+               f"min {report.min_cosine:.4f}  float layers: {', '.join(report.fallback_layers) or 'none'}")
+    if report.message:
+        typer.echo(report.message)
+
+
+@app.command()
+def compress(
+    teacher: Annotated[Path, typer.Argument(help="Teacher bundle.")],
+    out: Annotated[Path, typer.Option(help="Final bundle (the best stage); stages go to OUT.stages/.")],
+    student: Annotated[str | None, typer.Option(help="Student encoder (omit to compress the teacher itself).")] = None,
+    arch_opt: KwOpt = None,
+    prune_ratio: Annotated[float | None, typer.Option("--prune", help="Pruning ratio in (0, 1).")] = None,
+    quantize_to: Annotated[str | None, typer.Option("--quantize", help="int8, fp16 or none.")] = None,
+    target: Annotated[str | None, typer.Option(help="ort-cpu or tensorrt.")] = None,
+    data: DataOpt = None,
+    eval_data: EvalDataOpt = None,
+    eval_test: EvalTestOpt = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency target at batch 1 (measured with the runtime bench).")] = None,
+    max_knn_drop: Annotated[float | None, typer.Option(help="Allowed kNN top-1 drop vs the teacher, in points.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags given here override it.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Distillation epochs (overrides the recipe).")] = None,
+    device: Annotated[str | None, typer.Option(help="Distillation device (overrides the recipe).")] = None,
+    limit: LimitOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Chain distill -> prune -> quantize toward a latency / accuracy target; print a per-stage table."""
+    from edge_ssl.compress.recipe import compress as run_compress
+    from edge_ssl.compress.recipe import load_recipe
+
+    overrides: dict[str, Any] = {"student": student, "prune": prune_ratio, "quantize": quantize_to,
+                                 "target": target, "max_latency_ms": max_latency_ms,
+                                 "max_knn_drop": max_knn_drop}
+    if arch_opt:
+        overrides["student_kwargs"] = parse_key_values(arch_opt, "--arch-opt")
+    base = load_recipe(recipe)
+    distill_settings = dict(base.distill)
+    distill_settings.update({k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None})
+    overrides["distill"] = distill_settings
+    config = load_recipe(recipe, overrides)
+    knn = _knn_data(eval_data, eval_test)
+    dataset = _images_for(teacher, data, limit)
+    console = stderr_console()
+    with TrainingProgress(console) as bar:
+        result = run_compress(teacher, config, dataset, out, knn=knn, overwrite=overwrite,
+                              log=lambda m: console.print(m), progress=bar.update)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    _print_table(result)
+
+
+def _print_table(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="edge-ssl compress")
+    for column in ("stage", "params", "MACs", "bytes", "kNN top-1", "latency b1", "precision"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        table.add_row(
+            row.name + (" *" if row.name == result.chosen else ""),
+            "-" if row.params is None else f"{row.params / 1e6:.2f}M",
+            "-" if row.macs is None else f"{row.macs / 1e6:.1f}M",
+            f"{row.bytes / 1e6:.2f} MB",
+            "-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}%",
+            "-" if row.latency_ms is None else f"{row.latency_ms:.2f} ms",
+            row.precision,
+        )
+    Console().print(table)
+    typer.echo(f"latency: {result.rows[0].latency_source}")
+    typer.echo(result.message)
+    typer.echo(f"wrote {result.bundle.path} (stage {result.chosen!r})")

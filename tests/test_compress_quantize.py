@@ -1,0 +1,106 @@
+"""INT8 QDQ per target, accuracy-aware fallback, FP16 graphs, the calibration protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from edge_ssl.compress.calibration import ImageCalibrationReader
+from edge_ssl.compress.quantize import QuantizeConfig, QuantizeError, quantize
+
+from edge_ssl.bundle import Bundle
+from edge_ssl.errors import ConfigError, DataError
+from tests.test_compress_fixtures import tiny_images, write_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def teacher_bundle(tmp_path_factory):
+    """A tiny ResNet-18 (width 0.25) teacher bundle."""
+    return write_tiny_bundle(tmp_path_factory.mktemp("teacher") / "teacher.edge")
+
+
+def _zero_point_types(path) -> dict[str, set[int]]:
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    found: dict[str, set[int]] = {"activation": set(), "weight": set()}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            found["activation"].add(inits[node.input[2]].data_type)
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            found["weight"].add(inits[node.input[0]].data_type)
+    return found
+
+
+def test_ort_cpu_int8_is_u8s8_and_close_to_fp32(teacher_bundle, tmp_path):
+    import onnx
+
+    bundle, report = quantize(teacher_bundle.path, QuantizeConfig(calibration_images=32),
+                              tiny_images(32), tmp_path / "q.edge")
+    assert set(bundle.manifest.files) == {"model.onnx"} and bundle.manifest.precision == "int8"
+    assert bundle.manifest.lineage[-1].stage == "quantize"
+    assert bundle.manifest.lineage[-1].parent == teacher_bundle.manifest_sha256
+    types = _zero_point_types(bundle.file("model.onnx"))
+    assert types["activation"] == {onnx.TensorProto.UINT8}
+    assert onnx.TensorProto.INT8 in types["weight"]
+    assert report.mean_cosine > 0.98 and report.fallback_layers == []
+    assert bundle.file("model.onnx").stat().st_size < 0.5 * teacher_bundle.manifest.files["model.pt"].bytes
+    assert Bundle.open(tmp_path / "q.edge").manifest.metrics["quantize"]["target"] == "ort-cpu"
+
+
+def test_tensorrt_int8_is_symmetric_with_qdq_on_residual_adds(teacher_bundle, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    bundle, _ = quantize(teacher_bundle.path, QuantizeConfig(target="tensorrt", calibration_images=16),
+                         tiny_images(16), tmp_path / "t.edge")
+    model = onnx.load(str(bundle.file("model.onnx")))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert adds and all(producers.get(i) == "DequantizeLinear" for n in adds for i in n.input)
+
+
+def test_fallback_keeps_sensitive_layers_float_and_says_how_close(teacher_bundle, tmp_path):
+    config = QuantizeConfig(calibration_images=16, min_cosine=1.0, max_fallback=2, sensitivity_images=8)
+    bundle, report = quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    assert not report.met and "target not met" in report.message
+    assert 1 <= len(report.fallback_layers) <= 2
+    assert report.sensitivity and report.sensitivity[0]["mean_cosine"] <= report.sensitivity[-1]["mean_cosine"]
+    assert len(report.trials) == 3  # all-int8, then one and two layers kept float
+    assert bundle.manifest.metrics["quantize"]["fallback_layers"] == report.fallback_layers
+
+
+def test_fp16_graph(teacher_bundle, tmp_path):
+    bundle, report = quantize(teacher_bundle.path, QuantizeConfig(precision="fp16", calibration_images=8),
+                              tiny_images(8), tmp_path / "h.edge")
+    assert bundle.manifest.precision == "fp16" and report.mean_cosine > 0.99
+
+
+def test_bad_calibration_data_and_settings_write_nothing(teacher_bundle, tmp_path):
+    with pytest.raises(DataError, match="at least 16"):
+        quantize(teacher_bundle.path, QuantizeConfig(), tiny_images(4), tmp_path / "a.edge")
+    with pytest.raises(DataError, match="64x64"):
+        quantize(teacher_bundle.path, QuantizeConfig(), np.zeros((32, 64, 64, 3), np.uint8), tmp_path / "b.edge")
+    with pytest.raises(DataError, match="uint8"):
+        quantize(teacher_bundle.path, QuantizeConfig(), np.zeros((32, 32, 32, 3), np.float32), tmp_path / "c.edge")
+    with pytest.raises(ConfigError, match="target"):
+        QuantizeConfig(target="tensorrt-ish")
+    with pytest.raises(QuantizeError, match="eval"):
+        quantize(teacher_bundle.path, QuantizeConfig(max_knn_drop=1.0), tiny_images(16), tmp_path / "d.edge")
+    assert not list(tmp_path.iterdir())
+
+
+def test_calibration_reader_protocol(teacher_bundle):
+    reader = ImageCalibrationReader(tiny_images(20), teacher_bundle.manifest.input, batch_size=8)
+    sizes = []
+    while (item := reader.get_next()) is not None:
+        sizes.append(item["images"].shape[0])
+        assert item["images"].dtype == np.float32 and item["images"].shape[1:] == (3, 32, 32)
+    assert sizes == [8, 8, 4] and len(reader) == 3
+    reader.rewind()
+    assert reader.get_next()["images"].shape[0] == 8
+    assert [b.shape[0] for b in reader] == [8, 8, 4]
