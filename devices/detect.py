@@ -24,6 +24,7 @@ L4T_TO_JETPACK = {
     "38.2": "7.0",
 }
 
+_NVPMODEL_RE = re.compile(r"NV Power Mode:\s*(?P<name>\S+)\s*\n\s*(?P<id>\d+)")
 _RELEASE_RE = re.compile(r"#\s*R(?P<major>\d+)\s*\(release\),\s*REVISION:\s*(?P<revision>[\d.]+)")
 
 
@@ -73,3 +74,25 @@ def detect_jetson(root: str | Path = "/") -> JetsonInfo | None:
     if not named_jetson and l4t is None:
         return None
     return JetsonInfo(model=model or "unknown Jetson", l4t=l4t, jetpack=jetpack_for_l4t(l4t))
+
+
+def parse_nvpmodel_query(text: str) -> dict[str, str | int] | None:
+    """`nvpmodel -q` output -> {'name': 'MAXN', 'id': 0}; None when it is not recognised.
+
+    The mode name line is followed by the mode id on its own line; newer JetPacks print
+    an "NV Fan Mode" line first.
+    """
+    match = _NVPMODEL_RE.search(text or "")
+    if not match:
+        return None
+    return {"name": match["name"], "id": int(match["id"])}
+
+
+def memory_gb(root: str | Path = "/") -> float | None:
+    """Total memory from /proc/meminfo in GiB (what module names call "GB"), None if unreadable."""
+    try:
+        text = (Path(root) / "proc/meminfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(r"MemTotal:\s*(\d+)\s*kB", text)
+    return int(match.group(1)) * 1024 / 2**30 if match else None

@@ -60,3 +60,30 @@ def test_release_parsing_edge_cases():
     assert parse_tegra_release("garbage") is None
     assert jetpack_for_l4t("35.4.1") == "5.1.2"
     assert jetpack_for_l4t("99.1") is None
+
+
+# ---------------------------------------------------------------- nvpmodel, memory
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from edge_ssl.devices.detect import memory_gb, parse_nvpmodel_query  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "devices"
+
+
+@pytest.mark.parametrize(
+    "recorded", json.loads((FIXTURES / "nvpmodel_q.json").read_text())["outputs"], ids=lambda r: r["board"]
+)
+def test_parses_recorded_nvpmodel_outputs(recorded):
+    assert parse_nvpmodel_query(recorded["text"]) == {"name": recorded["name"], "id": recorded["id"]}
+
+
+def test_nvpmodel_garbage_is_none():
+    assert parse_nvpmodel_query("nvpmodel: command not found") is None
+
+
+def test_memory_from_meminfo(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       15655832 kB\nMemFree: 1 kB\n")
+    assert memory_gb(tmp_path) == pytest.approx(14.93, abs=0.01)
+    assert memory_gb(tmp_path / "missing") is None

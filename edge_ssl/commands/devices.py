@@ -1,0 +1,291 @@
+"""CLI for devices: profiles, deploy, rollback, predict, and bench/doctor on a device (--on)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edge_ssl.commands.common import JsonOpt, app, emit_json
+
+devices_app = typer.Typer(help="Jetson device profiles (data in devices/profiles.toml).",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(devices_app, name="devices")
+
+ToOpt = Annotated[list[str] | None, typer.Option(
+    "--to", help="Target: ssh://user@host[:port] (hosts from ~/.ssh/config work) or local. Repeatable.")]
+HostsOpt = Annotated[Path | None, typer.Option("--hosts", help="File with one target per line.")]
+SshConfigOpt = Annotated[str | None, typer.Option(
+    "--ssh-config", envvar="EDGE_SSL_SSH_CONFIG", help="ssh -F file (default: ~/.ssh/config).")]
+PythonOpt = Annotated[str, typer.Option(
+    "--python", envvar="EDGE_SSL_DEVICE_PYTHON", help="Python on the device that runs the agent.")]
+RootOpt = Annotated[str | None, typer.Option(
+    "--remote-root", envvar="EDGE_SSL_REMOTE_ROOT", help="Folder on the device (default ~/.edge-ssl).")]
+AcceptOpt = Annotated[bool, typer.Option(
+    "--accept-new-host", help="Record an unknown host key on first use (a CHANGED key is always refused).")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds allowed per remote command.")]
+
+
+def _settings(ssh_config: str | None, python: str, remote_root: str | None, accept_new_host: bool,
+              timeout: float = 120.0) -> Any:
+    from edge_ssl.devices.target import SSHSettings
+
+    return SSHSettings(ssh_config=ssh_config, python=python, remote_root=remote_root,
+                       accept_new_host=accept_new_host, command_timeout_s=timeout)
+
+
+def env_settings() -> Any:
+    """SSH settings from the environment, for `bench --on` / `doctor --on` (owned elsewhere)."""
+    return _settings(os.environ.get("EDGE_SSL_SSH_CONFIG"), os.environ.get("EDGE_SSL_DEVICE_PYTHON", "python3"),
+                     os.environ.get("EDGE_SSL_REMOTE_ROOT"), os.environ.get("EDGE_SSL_ACCEPT_NEW_HOST") == "1")
+
+
+# ---------------------------------------------------------------- profiles
+@devices_app.callback()
+def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the Jetson profiles; `edge-ssl devices show NAME` prints one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edge_ssl.devices.profiles import load_profiles
+
+    profiles = load_profiles()
+    if as_json:
+        emit_json({key: p.to_dict() for key, p in sorted(profiles.items())})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Jetson profiles (GPU dense peaks; '-' = not in a cited source)")
+    for column in ("name", "SM", "CUDA/TC", "GPU MHz", "DLA", "memory", "GB/s", "FP16 TF", "INT8 TOPS"):
+        table.add_column(column, no_wrap=True)
+    for key, p in sorted(profiles.items()):
+        table.add_row(key, p.compute_capability, f"{_s(p.cuda_cores)}/{_s(p.tensor_cores)}",
+                      _s(p.gpu_max_mhz), _s(p.dla_cores), f"{_s(p.memory_gb)} GB", _s(p.memory_bandwidth_gbs),
+                      _s(p.peak_fp16_tflops_dense), _s(p.peak_int8_tops_dense))
+    Console().print(table)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _s(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@devices_app.command("show")
+def show(name: Annotated[str, typer.Argument(help="Profile name, e.g. orin-nx-16gb.")], as_json: JsonOpt = False) -> None:
+    """Print one profile with its JetPack versions and nvpmodel modes."""
+    from edge_ssl.devices.profiles import get_profile
+
+    data = get_profile(name).to_dict()
+    if as_json:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for sub, item in value.items():
+                typer.echo(f"  {sub}: {item}")
+        else:
+            typer.echo(f"{key}: {_s(value)}")
+
+
+# ---------------------------------------------------------------- deploy / rollback
+def _print_fleet(title: str, outcomes: list[Any], columns: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("target", "status", *columns):
+        table.add_column(column)
+    for row in outcomes:
+        cells = [str(fn(row.result)) if row.ok else "" for fn in columns.values()]
+        table.add_row(row.target, "ok" if row.ok else f"FAILED: {row.error}", *cells)
+    Console().print(table)
+
+
+def _finish(outcomes: list[Any], title: str, columns: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json([o.to_dict() for o in outcomes])
+    else:
+        _print_fleet(title, outcomes, columns)
+        for row in outcomes:
+            for warning in (row.result or {}).get("warnings", []):
+                typer.echo(f"warning ({row.target}): {warning}", err=True)
+    if not all(o.ok for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    bundle: Annotated[Path, typer.Argument(help="A NAME.edge bundle (with model.onnx).")],
+    to: ToOpt = None,
+    hosts: HostsOpt = None,
+    profile: Annotated[str | None, typer.Option(help="Device profile (default: detected on the device).")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name on the device (default: the bundle's).")] = None,
+    build_engine: Annotated[bool, typer.Option(help="Build the TensorRT engine on the device with trtexec.")] = False,
+    engine_precision: Annotated[str | None, typer.Option(help="fp32, fp16 or int8 (default from the bundle).")] = None,
+    keep: Annotated[int, typer.Option(help="Versions kept on the device for rollback.")] = 3,
+    ship_weights: Annotated[bool, typer.Option(help="Also send model.pt (only needed to adapt on the device).")] = False,
+    ssh_config: SshConfigOpt = None,
+    python: PythonOpt = "python3",
+    remote_root: RootOpt = None,
+    accept_new_host: AcceptOpt = False,
+    timeout: TimeoutOpt = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check, upload (resumable), verify, optionally build, then switch `current` atomically."""
+    from edge_ssl.devices.deploy import DeployOptions
+    from edge_ssl.devices.deploy import deploy as run_deploy
+    from edge_ssl.devices.fleet import collect_targets, run_on_fleet
+
+    specs = collect_targets(to, hosts)
+    options = DeployOptions(name=name, profile=profile, build_engine=build_engine,
+                            engine_precision=engine_precision, keep=keep, ship_weights=ship_weights)
+    settings = _settings(ssh_config, python, remote_root, accept_new_host, timeout)
+    outcomes = run_on_fleet(specs, settings, lambda target: run_deploy(bundle, target, options).to_dict())
+    _finish(outcomes, f"deploy {bundle.name}", {
+        "version": lambda r: r["version"], "previous": lambda r: r["previous"] or "-",
+        "uploaded": lambda r: f"{r['uploaded_bytes'] / 2**20:.1f} MiB",
+        "resumed": lambda r: ",".join(r["resumed_files"]) or "-", "engine": lambda r: r["engine"] or "-",
+    }, as_json)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Deployment name (the bundle's name unless --name was given).")],
+    to: ToOpt = None,
+    hosts: HostsOpt = None,
+    version: Annotated[str | None, typer.Option(help="Version to switch to (default: the previous one).")] = None,
+    ssh_config: SshConfigOpt = None,
+    python: PythonOpt = "python3",
+    remote_root: RootOpt = None,
+    accept_new_host: AcceptOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Switch `current` back to the previous kept version on each device."""
+    from edge_ssl.devices.deploy import rollback as run_rollback
+    from edge_ssl.devices.fleet import collect_targets, run_on_fleet
+
+    settings = _settings(ssh_config, python, remote_root, accept_new_host)
+    outcomes = run_on_fleet(collect_targets(to, hosts), settings,
+                            lambda target: run_rollback(target, name, version))
+    _finish(outcomes, f"rollback {name}", {"current": lambda r: r["current"],
+                                           "was": lambda r: r["previous"] or "-"}, as_json)
+
+
+# ---------------------------------------------------------------- remote bench / doctor
+def bench_on_devices(bundle: Path, on: list[str], *, backend: str = "auto", batch_sizes: tuple[int, ...] = (1,),
+                     duration: float = 10.0, warmup: float = 2.0, iterations: int | None = None,
+                     threads: int | None = None, record: bool = True, as_json: bool = False,
+                     settings: Any = None) -> None:
+    """`edge-ssl bench B.edge --on TARGET`: the agent measures on each device; results recorded locally."""
+    from edge_ssl.devices.fleet import run_on_fleet
+    from edge_ssl.devices.remote import remote_bench
+
+    remote_backend = "trtexec" if backend in ("tensorrt", "trtexec") else "onnxruntime"
+    outcomes = run_on_fleet(list(dict.fromkeys(on)), settings or env_settings(), lambda target: remote_bench(
+        bundle, target, backend=remote_backend, batch_sizes=batch_sizes, duration_s=duration,
+        warmup_s=warmup, iterations=iterations, threads=threads, record=record))
+    first = str(batch_sizes[0])
+    _finish(outcomes, f"bench {bundle.name} on devices (measured)", {
+        "backend": lambda r: r["backend"],
+        f"p50 ms (b{first})": lambda r: _ms(r["batches"][first].get("p50")),
+        f"p90 ms (b{first})": lambda r: _ms(r["batches"][first].get("p90")),
+        "power W": lambda r: f"{r['power']['avg_power_w']:.2f}" if r.get("power") else "-",
+        "nvpmodel": lambda r: (r["environment"].get("nvpmodel") or {}).get("name", "-"),
+    }, as_json)
+
+
+@app.command("device-bench")
+def device_bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to measure on the device.")],
+    on: Annotated[list[str], typer.Option("--on", help="Target(s): ssh://user@host[:port] or local.")],
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (trtexec on the device).")] = "onnxruntime",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
+    duration: Annotated[float, typer.Option(help="Seconds measured per batch size.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Warm-up seconds per batch size.")] = 2.0,
+    iterations: Annotated[int | None, typer.Option(help="Exactly N timed runs instead of --duration.")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads on the device.")] = None,
+    ssh_config: SshConfigOpt = None,
+    python: PythonOpt = "python3",
+    remote_root: RootOpt = None,
+    accept_new_host: AcceptOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Same as `edge-ssl bench B --on TARGET`, with every SSH option spelled out."""
+    from edge_ssl.errors import ConfigError
+
+    try:
+        sizes = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch expects comma-separated integers, got {batch!r}.") from None
+    bench_on_devices(bundle, on, backend=backend, batch_sizes=sizes, duration=duration, warmup=warmup,
+                     iterations=iterations, threads=threads, as_json=as_json,
+                     settings=_settings(ssh_config, python, remote_root, accept_new_host))
+
+
+def doctor_on_device(on: str, as_json: bool = False, settings: Any = None) -> None:
+    """`edge-ssl doctor --on TARGET`: what the device offers, through the agent."""
+    from edge_ssl.devices.remote import remote_doctor
+    from edge_ssl.devices.target import parse_target
+
+    with parse_target(on, settings or env_settings()) as target:
+        report = remote_doctor(target)
+    if as_json:
+        emit_json(report)
+        return
+    agent = report["agent"]
+    rows = {
+        "target": report["target"], "board": report["model"] or "not a Jetson",
+        "profile": report["profile"] or "-", "L4T / JetPack": f"{report['l4t'] or '-'} / {report['jetpack'] or '-'}",
+        "python": f"{agent['python']} ({agent['python_executable']})",
+        "numpy": agent["numpy"].get("version") or agent["numpy"].get("missing"),
+        "onnxruntime": (f"{agent['onnxruntime']['version']} {agent['onnxruntime'].get('providers')}"
+                        if "version" in agent["onnxruntime"] else agent["onnxruntime"]["missing"]),
+        "tensorrt": agent["tensorrt"].get("version") or agent["tensorrt"].get("missing"),
+        "trtexec": agent["trtexec"] or "-", "nvpmodel": report["nvpmodel"] or "-",
+        "clocks pinned": agent["clocks_pinned"],
+        "free disk": f"{agent['disk']['free'] / 2**30:.1f} GiB under {agent['disk']['path']}",
+        "memory available": f"{agent['memory'].get('MemAvailable', 0) / 2**30:.1f} GiB",
+    }
+    for key, value in rows.items():
+        typer.echo(f"{key:>17}: {value}")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command("device-doctor")
+def device_doctor(
+    on: Annotated[str, typer.Option("--on", help="Target: ssh://user@host[:port] or local.")],
+    ssh_config: SshConfigOpt = None,
+    python: PythonOpt = "python3",
+    remote_root: RootOpt = None,
+    accept_new_host: AcceptOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Same as `edge-ssl doctor --on TARGET`, with every SSH option spelled out."""
+    doctor_on_device(on, as_json, _settings(ssh_config, python, remote_root, accept_new_host))
+
+
+# ---------------------------------------------------------------- predict
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="A bundle with model.onnx (or a bare .onnx file).")],
+    device: Annotated[str, typer.Option(help="Device profile, e.g. orin-nx-16gb (see `edge-ssl devices`).")],
+    precision: Annotated[str, typer.Option(help="int8 or fp16 (TensorRT).")] = "fp16",
+    power_mode: Annotated[int | None, typer.Option(help="nvpmodel mode id (default: the fastest).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """PREDICTED latency from a per-layer roofline (never a measurement; calibrated on published results)."""
+    from edge_ssl.devices.predict import predict_bundle
+
+    report = predict_bundle(bundle, device, precision=precision, power_mode=power_mode, batch=batch)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    typer.echo(report.summary())

@@ -1,0 +1,116 @@
+"""Roofline latency prediction: always labelled predicted, ordered sensibly, refined by measurements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from edge_ssl.devices.predict import graph_costs, predict_bundle, predict_onnx
+from edge_ssl.devices.profiles import load_toml
+
+from edge_ssl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """Conv-ReLU-Conv-pool-Gemm at 3x32x32, batch dynamic: built with onnx.helper, no torch."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        "fc": rng.standard_normal((32, 10)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["images", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["embeddings"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_flops_are_counted_per_kernel(tiny_onnx):
+    costs = {c.name: c for c in graph_costs(tiny_onnx, batch=2, precision="fp16")}
+    assert set(costs) == {"stem", "conv", "pool", "head"}  # ReLU and Flatten fused away
+    assert costs["stem"].kind == "stem"
+    assert costs["conv"].flops == 2 * 2 * 32 * 16 * 16 * 16 * 9  # N*Cout*H*W * Cin*k*k MACs x2
+    assert costs["head"].flops == 2 * 2 * 10 * 32
+
+
+def test_prediction_is_labelled_and_ordered(tiny_onnx):
+    fp16 = predict_onnx(tiny_onnx, "agx-orin-64gb", precision="fp16")
+    int8 = predict_onnx(tiny_onnx, "agx-orin-64gb", precision="int8")
+    nano = predict_onnx(tiny_onnx, "nano-4gb", precision="fp16")
+    assert fp16.kind == int8.kind == "predicted" and "PREDICTED" in fp16.summary()
+    assert int8.predicted_ms < fp16.predicted_ms or int8.calibration != fp16.calibration
+    assert nano.predicted_ms > int8.predicted_ms
+    assert any("UNCALIBRATED" in w for w in fp16.warnings)  # no published Orin FP16 anchor yet
+    big_batch = predict_onnx(tiny_onnx, "nano-4gb", precision="fp16", batch=8)
+    assert big_batch.predicted_ms > nano.predicted_ms
+
+
+def test_unsupported_precision_and_unknown_peaks_are_refused(tiny_onnx):
+    with pytest.raises(ConfigError, match="does not support int8"):
+        predict_onnx(tiny_onnx, "nano-4gb", precision="int8")
+    with pytest.raises(ConfigError, match="no cited fp16 peak"):
+        predict_onnx(tiny_onnx, "thor", precision="fp16")
+
+
+def test_lower_power_mode_clock_is_slower_or_flagged(tiny_onnx):
+    maxn = predict_onnx(tiny_onnx, "orin-nano-8gb-super", precision="int8", power_mode=2)
+    capped = predict_onnx(tiny_onnx, "orin-nano-8gb", precision="int8", power_mode=0)
+    assert capped.predicted_ms > maxn.predicted_ms
+    unknown_clock = predict_onnx(tiny_onnx, "agx-orin-64gb", precision="int8", power_mode=1)
+    assert any("not recorded" in w for w in unknown_clock.warnings)
+
+
+def test_a_measurement_on_the_device_refines_the_prediction(tiny_onnx, tmp_path):
+    from edge_ssl.bundle import BundleWriter, record_results
+    from edge_ssl.spec import EncoderSpec, InputSpec
+
+    spec = EncoderSpec(arch="tiny", kwargs={}, input=InputSpec(shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
+                       embed_dim=10)
+    with BundleWriter(tmp_path / "tiny.edge") as writer:
+        writer.copy_file("model.onnx", tiny_onnx)
+        bundle = writer.commit(name="tiny", encoder=spec, lineage=())
+    plain = predict_bundle(bundle.path, "orin-nx-16gb", precision="int8")
+    assert plain.refined_ms is None
+    measured = {"backend": "trtexec", "environment": {"profile": "orin-nx-16gb"},
+                "batches": {"1": {"mean": plain.predicted_ms * 2}}}
+    record_results(bundle, "device_bench", {"ssh://nx": measured})
+    refined = predict_bundle(bundle.path, "orin-nx-16gb", precision="int8")
+    assert refined.refined_ms == pytest.approx(plain.predicted_ms * 2)
+    assert refined.kind == "predicted" and refined.refined_by == ["ssh://nx"]
+
+
+def test_cli_predict_json(tiny_onnx):
+    from typer.testing import CliRunner
+
+    from edge_ssl.cli import app
+
+    out = CliRunner().invoke(app, ["predict", str(tiny_onnx), "--device", "orin-nx-16gb", "--precision", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["kind"] == "predicted"
+
+
+def test_published_anchors_cover_enough_devices_with_sources():
+    anchors = load_toml(ROOT / "devices" / "anchors.toml")["anchor"]
+    assert len(anchors) >= 6 and len({a["device"] for a in anchors}) >= 3
+    assert all(a["source"] and a["published_ms"] > 0 for a in anchors)
