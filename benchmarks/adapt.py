@@ -1,0 +1,185 @@
+"""Does on-device adaptation recover accuracy under distribution shift, and at what memory cost?
+
+    python benchmarks/adapt.py --bundle ../shared/teachers/simclr_resnet18_cifar.edge \
+        --data ../shared/data/cifar10 [--quick] --out results.json
+
+Shifted domains: CIFAR-10-C style corruptions (edge_ssl.corruptions) of cifar10_test.npz at
+one severity. The first half of the test set (corrupted, labels unused) is what the device
+sees and adapts on; the second, unseen half (corrupted, and clean) is scored with kNN top-1
+against a labeled clean train bank embedded once by the deployed model (the index a device
+keeps; adaptation must map shifted images back into that space). Keys: corruptions
+{name: {clean, shifted, adapted, clean_after}}, recovery_frac = mean over corruptions of
+(adapted - shifted) / (clean - shifted), clean_drop_pts = mean clean-test accuracy drop in
+points after adapting, peak_mem_ratio = adaptation step peak / full fine-tuning step peak
+at the same batch (same measure: CUDA max allocated on GPU, the byte model on CPU),
+sec_per_step, trainable. Targets: recovery_frac >= 0.5, clean_drop_pts <= 1,
+peak_mem_ratio <= 0.35. --quick: 500 + 500 test images, a 1,000-image bank, 10 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from report import emit
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
+DEFAULT_BUNDLE = ROOT.parent / "shared" / "teachers" / "simclr_resnet18_cifar.edge"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from edge_ssl.corruptions import CORRUPTIONS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the CIFAR-10 .npz files")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--quick", action="store_true", help="small sizes: < 10 minutes on 2 CPU cores")
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
+    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--trainable", default="auto")
+    parser.add_argument("--steps", type=int, default=None, help="default: 10 quick, 50 full")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budget-mb", type=float, default=None)
+    parser.add_argument("--opt", action="append", default=[], help="AdaptConfig KEY=VALUE (repeatable)")
+    parser.add_argument("--knn-k", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def load_split(data: Path, quick: bool) -> dict[str, np.ndarray]:
+    """Adapt half, eval half (both class-balanced: the files are round-robin over classes), bank."""
+    test = np.load(data / "cifar10_test.npz")
+    x, y = test["x"], test["y"].astype(np.int64)
+    half = len(x) // 2
+    size = 500 if quick else half
+    bank_files = [data / "cifar10_train_3.npz"] if quick else sorted(data.glob("cifar10_train_*.npz"))
+    banks = [np.load(f) for f in bank_files]
+    bank_x = np.concatenate([b["x"] for b in banks])
+    bank_y = np.concatenate([b["y"] for b in banks]).astype(np.int64)
+    if quick:
+        bank_x, bank_y = bank_x[:1000], bank_y[:1000]
+    return {"adapt_x": x[:size], "eval_x": x[half : half + size], "eval_y": y[half : half + size],
+            "bank_x": bank_x, "bank_y": bank_y}
+
+
+def knn(encoder, bank_emb, bank_y, images, labels, k, device) -> float:
+    from edge_ssl.evaluate import embed, knn_top1
+
+    emb = embed(encoder, images, batch_size=256, device=device)
+    return float(knn_top1(bank_emb, bank_y, emb, labels, k=k, num_classes=10))
+
+
+def memory_ratio(encoder, plan, images, config) -> dict[str, float]:
+    """Adaptation step peak / full fine-tuning step peak at the plan's batch (same measure)."""
+    from edge_ssl.adapt_plan import measure_configuration
+
+    batch = plan["batch_size"]
+    targets = np.zeros((batch, encoder.spec.embed_dim), np.float32)
+    full = measure_configuration(encoder, "full", images, targets, config, batch=batch)
+    ours = measure_configuration(encoder, plan["trainable"], images, targets, config, batch=batch,
+                                 checkpointing=plan["checkpointing"],
+                                 block_bytes_per_image=full.largest_block / batch)
+    return {"adapt_step_mb": ours.peak_mb, "full_step_mb": full.peak_mb,
+            "ratio": ours.peak_bytes / full.peak_bytes}
+
+
+def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[str, object]:
+    from edge_ssl.adapt import adapt
+    from edge_ssl.corruptions import corrupt
+    from edge_ssl.data import ImageDataset
+    from edge_ssl.models import load_encoder
+
+    adapt_x = corrupt(split["adapt_x"], name, args.severity, seed=args.seed)
+    eval_x = corrupt(split["eval_x"], name, args.severity, seed=args.seed + 1)
+    shifted = knn(deployed, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
+    started = time.perf_counter()
+    result = adapt(args.bundle, ImageDataset(adapt_x, None, None, f"{name}-{args.severity}"),
+                   workdir / f"{name}.edge", config, export="never")
+    seconds = time.perf_counter() - started
+    adapted_encoder = load_encoder(result.bundle)
+    return {
+        "shifted": shifted,
+        "adapted": knn(adapted_encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
+        "clean_after": knn(adapted_encoder, *bank, split["eval_x"], split["eval_y"], args.knn_k,
+                           args.device),
+        "steps": result.steps_done, "stopped": result.stopped, "plan": result.plan,
+        "agreement_after": result.agreement_after, "sec_per_step": result.seconds_per_step,
+        "adapt_seconds": seconds, "_images": adapt_x,
+    }
+
+
+def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str, float | None]:
+    """Means over corruptions; ``recovery_frac_significant`` only over shifts larger than two
+    standard errors of the accuracy (a 1-2 point gap makes the ratio mostly noise)."""
+    floor = 2 * np.sqrt(clean * (1 - clean) / eval_images)
+    ratios = {n: (r["adapted"] - r["shifted"]) / (clean - r["shifted"])
+              for n, r in rows.items() if clean - r["shifted"] > 0.005}
+    significant = [v for n, v in ratios.items() if clean - rows[n]["shifted"] > floor]
+    drops = [100 * (clean - r["clean_after"]) for r in rows.values()]
+    steps = [r["sec_per_step"] for r in rows.values() if r["sec_per_step"]]
+    return {"recovery_frac": float(np.mean(list(ratios.values()))) if ratios else None,
+            "recovery_frac_significant": float(np.mean(significant)) if significant else None,
+            "significant_gap_floor": float(floor),
+            "clean_drop_pts": float(np.mean(drops)),
+            "sec_per_step": float(np.mean(steps)) if steps else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (args.data / "cifar10_test.npz").is_file() or not (args.bundle / "manifest.json").is_file():
+        print(f"data ({args.data}) or bundle ({args.bundle}) not found; see ../shared/*/README.md",
+              file=sys.stderr)
+        return 2
+    from edge_ssl.adapt import AdaptConfig
+    from edge_ssl.commands.common import parse_key_values
+    from edge_ssl.environment import describe_environment
+    from edge_ssl.evaluate import embed
+    from edge_ssl.models import load_encoder
+
+    started = time.perf_counter()
+    steps = args.steps or (10 if args.quick else 50)
+    config = AdaptConfig(trainable=args.trainable, steps=steps, batch_size=args.batch_size,
+                         budget_mb=args.budget_mb, device=args.device, seed=args.seed,
+                         **parse_key_values(args.opt, "--opt"))
+    split = load_split(args.data, args.quick)
+    deployed = load_encoder(args.bundle)
+    bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
+    clean = knn(deployed, *bank, split["eval_x"], split["eval_y"], args.knn_k, args.device)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="adapt-bench-") as tmp:
+        for name in args.corruptions:
+            rows[name] = run_corruption(name, split, deployed, bank, args, config, Path(tmp))
+            print(f"{name}: clean {clean:.3f} shifted {rows[name]['shifted']:.3f} adapted "
+                  f"{rows[name]['adapted']:.3f} clean_after {rows[name]['clean_after']:.3f}",
+                  file=sys.stderr)
+    first = next(iter(rows.values()))
+    memory = memory_ratio(deployed, first["plan"], first["_images"], config)
+    report = {
+        "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "corruptions": {n: {"clean": clean, **{k: v for k, v in r.items() if k != "_images"}}
+                        for n, r in rows.items()},
+        **summarize(rows, clean, len(split["eval_x"])),
+        "peak_mem_ratio": memory["ratio"], "memory": memory,
+        "trainable": first["plan"]["trainable"], "checkpointing": first["plan"]["checkpointing"],
+        "settings": {"severity": args.severity, "quick": args.quick, "steps": steps,
+                     "adapt_images": len(split["adapt_x"]), "eval_images": len(split["eval_x"]),
+                     "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
+                     "bank": "clean train images, embedded once by the deployed model",
+                     "config": {k: v for k, v in vars(config).items()}},
+        "targets": {"recovery_frac": ">= 0.5", "clean_drop_pts": "<= 1", "peak_mem_ratio": "<= 0.35"},
+        "seconds": time.perf_counter() - started,
+        "environment": describe_environment(),
+    }
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""On-device adaptation: a deployed encoder keeps learning from unlabeled local images, within a memory budget."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_ssl.adapt_config import MIN_BATCH, MIN_HOLDOUT, MIN_IMAGES, AdaptConfig
+from edge_ssl.bundle import Bundle, require_float_weights, write_encoder_bundle
+from edge_ssl.config import config_to_dict
+from edge_ssl.data import ImageDataset
+from edge_ssl.errors import BundleError, DataError
+from edge_ssl.evaluate import EmbeddingHealth
+
+__all__ = ["AdaptConfig", "AdaptEvent", "AdaptResult", "adapt", "checkpoint_path", "data_fingerprint"]
+
+
+@dataclass(frozen=True)
+class AdaptEvent:
+    """Progress of a run, for a progress bar: phase 'stats', 'plan', 'step', 'guard' or 'write'."""
+
+    phase: str
+    step: int
+    steps: int
+    loss: float | None = None
+    batch: int | None = None
+    message: str = ""
+
+
+@dataclass
+class AdaptResult:
+    """What a run did: the new bundle, the plan, health before/after, and why it stopped."""
+
+    bundle: Bundle
+    plan: dict[str, Any]
+    steps_done: int
+    stopped: str | None
+    health_before: EmbeddingHealth
+    health_after: EmbeddingHealth
+    agreement_after: float
+    peak_step_mb: float
+    seconds_per_step: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    guard: list[dict[str, Any]] = field(default_factory=list)
+    export: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle.path),
+            "plan": self.plan,
+            "steps_done": self.steps_done,
+            "stopped": self.stopped,
+            "health_before": self.health_before.to_dict(),
+            "health_after": self.health_after.to_dict(),
+            "agreement_after": self.agreement_after,
+            "peak_step_mb": self.peak_step_mb,
+            "seconds_per_step": self.seconds_per_step,
+            "guard": self.guard,
+            "export": self.export,
+        }
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """Where a run writing ``out`` keeps its periodic checkpoint: ``OUT.ckpt/adapt.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt") / "adapt.pt"
+
+
+def data_fingerprint(images: np.ndarray) -> str:
+    """sha256 (first 16 hex) of the local images: lineage records it; --resume checks it."""
+    import hashlib
+
+    digest = hashlib.sha256(str(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_inputs(
+    bundle: Bundle | str | os.PathLike, data: ImageDataset, out: str | os.PathLike,
+    *, overwrite: bool, resume: bool,
+) -> tuple[Bundle, Bundle]:
+    """Everything that can fail before any work: (deployed bundle, bundle with float weights)."""
+    deployed = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=True)
+    weights = require_float_weights(deployed, "adaptation")
+    out = Path(out)
+    if out.resolve() in (deployed.path.resolve(), weights.path.resolve()):
+        raise BundleError(f"--out {out} is the input bundle; adaptation writes a new bundle.")
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
+    ckpt = checkpoint_path(out)
+    if ckpt.exists() and not resume:
+        raise BundleError(
+            f"{ckpt} holds an interrupted adaptation run for {out}; pass --resume to continue "
+            f"it, or delete {ckpt.parent} to start over."
+        )
+    if resume and not ckpt.exists():
+        raise BundleError(f"--resume: no checkpoint at {ckpt}; run without --resume to start.")
+    if len(data) < MIN_IMAGES:
+        raise DataError(
+            f"adaptation needs at least {MIN_IMAGES} local images ({MIN_HOLDOUT} held back for the "
+            f"guard plus a few batches of {MIN_BATCH}); {data.source} has {len(data)}. Collect "
+            "more images first (a few hundred work well)."
+        )
+    return deployed, weights
+
+
+def split_holdout(count: int, config: AdaptConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-back indices) for the guard; seeded, so --resume gets the same split."""
+    order = np.random.default_rng(config.seed).permutation(count)
+    hold = max(MIN_HOLDOUT, int(round(config.holdout_frac * count)))
+    return np.sort(order[hold:]), np.sort(order[:hold])
+
+
+def adapt(
+    bundle: Bundle | str | os.PathLike,
+    data: ImageDataset,
+    out: str | os.PathLike,
+    config: AdaptConfig = AdaptConfig(),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    profile_memory_gb: float | None = None,
+    export: str = "auto",
+    progress: Callable[[AdaptEvent], None] | None = None,
+) -> AdaptResult:
+    """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
+
+    AdaBN statistics first, then ``config.steps`` SSL + distillation steps on the subset
+    the memory budget allows, guarded against collapse and drift; the bundle is written
+    atomically at the end (an interrupted run leaves only ``OUT.ckpt/``, for ``--resume``).
+    ``export``: 'auto' re-exports ONNX (and refits TensorRT engines) when the input bundle
+    had them, 'always', or 'never'.
+    """
+    from edge_ssl.adapt_run import run_adaptation
+
+    deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
+    if export not in ("auto", "always", "never"):
+        raise BundleError(f"export must be auto, always or never; got {export!r}.")
+    return run_adaptation(
+        deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
+        profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
+    )
+
+
+def lineage_settings(config: AdaptConfig, data: ImageDataset, plan: dict[str, Any],
+                     extra: dict[str, Any]) -> dict[str, Any]:
+    """The lineage entry's settings: config, data fingerprint, plan and what happened."""
+    return {
+        "config": config_to_dict(config),
+        "data": {"source": data.source, "images": len(data),
+                 "fingerprint": data_fingerprint(data.images),
+                 "image_size": list(data.image_size)},
+        "trainable": plan.get("trainable"),
+        "plan": plan,
+        **extra,
+    }
+
+
+def write_adapted(out: Path, encoder: Any, lineage: tuple, metrics: dict[str, Any], *,
+                  overwrite: bool, extra_files: dict[str, Path] | None = None) -> Bundle:
+    """The adapted bundle: a plain encoder with the parent's spec, written atomically."""
+    return write_encoder_bundle(out, encoder, lineage=lineage, metrics=metrics,
+                                extra_files=extra_files, overwrite=overwrite)

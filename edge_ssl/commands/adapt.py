@@ -1,0 +1,132 @@
+"""`edge-ssl adapt`: adapt a deployed encoder to unlabeled local images within a memory budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edge_ssl.commands.common import (
+    DataOpt,
+    JsonOpt,
+    app,
+    data_source,
+    emit_json,
+    parse_key_values,
+    stderr_console,
+)
+
+
+@app.command()
+def adapt(
+    bundle: Annotated[Path, typer.Argument(help="The deployed bundle (float, or quantized with its float parent on disk).")],
+    out: Annotated[Path, typer.Option(help="Adapted bundle to write, e.g. adapted.edge.")],
+    data: DataOpt = None,
+    on: Annotated[str | None, typer.Option(help="Device to deploy the result to (local or ssh://user@host); its "
+                                           "profile sets the default budget. Staged, verified, rollback kept.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Device profile for the default budget (e.g. orin-nano-8gb).")] = None,
+    budget_mb: Annotated[float | None, typer.Option(help="Memory for one step in MiB (default: 25% of the "
+                                                    "profile's memory, else 50% of free memory).")] = None,
+    steps: Annotated[int, typer.Option(help="Gradient steps (20-100 is typical on device).")] = 30,
+    trainable: Annotated[str, typer.Option(help="auto, bn-stats, bias, norm, lora, last-stage or full.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Largest batch; shrunk to fit the budget.")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate (lower it if the guard stops the run).")] = 0.01,
+    method: Annotated[str, typer.Option(help="SSL loss: simsiam or byol.")] = "simsiam",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    opt: Annotated[list[str] | None, typer.Option(help="Any AdaptConfig KEY=VALUE, e.g. bn_prior=0.2 (repeatable).")] = None,
+    export: Annotated[str, typer.Option(help="Re-export model.onnx: auto (when the input had one), always, never.")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop or power cut.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Adapt an encoder on unlabeled local images: AdaBN, then guarded SSL + distillation steps."""
+    from edge_ssl.adapt import AdaptConfig
+    from edge_ssl.adapt import adapt as run_adapt
+    from edge_ssl.data import load_images
+
+    config = AdaptConfig.from_dict({
+        "trainable": trainable, "steps": steps, "batch_size": batch_size, "budget_mb": budget_mb,
+        "lr": lr, "method": method, "device": device, **parse_key_values(opt, "--opt"),
+    })
+    target = _open_target(on) if on else None
+    memory_gb = _profile_memory_gb(profile, target)
+    dataset = load_images(data_source(data), limit=limit)
+    console = stderr_console()
+    console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
+    result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
+                       profile_memory_gb=memory_gb, export="always" if target and export == "auto" else export,
+                       progress=_printer(console, as_json))
+    report = result.to_dict()
+    if target is not None:
+        report["deploy"] = _deploy(result.bundle.path, target, bundle, profile)
+    if as_json:
+        emit_json(report)
+        return
+    _summary(console, result, report.get("deploy"))
+
+
+def _printer(console: Any, quiet: bool) -> Any:
+    def show(event: Any) -> None:
+        if quiet:
+            return
+        if event.phase == "step" and not event.message:
+            if event.step % 5 == 0 or event.step == event.steps:
+                console.print(f"step {event.step}/{event.steps}  loss {event.loss:.4f}  batch {event.batch}")
+        elif event.message:
+            console.print(f"[{event.phase}] {event.message}")
+    return show
+
+
+def _summary(console: Any, result: Any, deploy: Any) -> None:
+    plan = result.plan
+    console.print(
+        f"wrote {result.bundle.path}: trainable {plan['trainable']}"
+        f"{' + checkpointing' if plan['checkpointing'] else ''}, batch {plan['batch_size']}, "
+        f"{result.steps_done} steps, step memory {result.peak_step_mb:.1f} MiB "
+        f"(budget {plan['budget_mb']:.0f} MiB: {plan['budget_source']})"
+    )
+    console.print(
+        f"effective rank {result.health_before.effective_rank:.1f} -> {result.health_after.effective_rank:.1f}, "
+        f"agreement with the deployed model {result.agreement_after:.3f}"
+    )
+    if result.stopped:
+        console.print(f"stopped early: {result.stopped}")
+    if deploy:
+        console.print(f"deployed version {deploy['version']} (previous {deploy['previous']}, kept for rollback)")
+
+
+def _open_target(spec: str) -> Any:
+    from edge_ssl.commands.devices import env_settings
+    from edge_ssl.devices.target import parse_target
+
+    return parse_target(spec, env_settings())
+
+
+def _profile_memory_gb(profile: str | None, target: Any) -> float | None:
+    """Memory of the named profile, else of the target's detected profile, else its MemTotal."""
+    if profile:
+        from edge_ssl.devices.profiles import get_profile
+
+        return get_profile(profile).memory_gb
+    if target is None:
+        return None
+    from edge_ssl.devices.deploy import resolve_profile
+
+    info = target.agent("info", "--root", target.root)
+    found, _ = resolve_profile(None, info)
+    if found is not None and found.memory_gb:
+        return found.memory_gb
+    total = (info.get("memory") or {}).get("MemTotal")
+    return total / 2**30 if total else None
+
+
+def _deploy(adapted: Path, target: Any, parent: Path, profile: str | None) -> dict[str, Any]:
+    """Deploy under the parent's deployment name: `current` switches, the parent stays for rollback."""
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.devices.deploy import DeployOptions, deploy
+
+    name = Bundle.open(parent, verify=False).manifest.name
+    return deploy(adapted, target, DeployOptions(name=name, profile=profile)).to_dict()
+

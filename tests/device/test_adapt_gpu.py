@@ -1,0 +1,41 @@
+"""Adaptation on a real GPU: the CPU byte model against CUDA's own count, and a CUDA run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_ssl.adapt import AdaptConfig, adapt
+from edge_ssl.adapt_plan import measure_configuration
+from edge_ssl.bundle import write_encoder_bundle
+from edge_ssl.data import ImageDataset
+from edge_ssl.models import create_encoder
+
+pytestmark = pytest.mark.gpu
+
+
+def _images(n: int = 48) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("trainable", ["full", "norm", "lora", "last-stage"])
+def test_byte_model_tracks_cuda_max_allocated(trainable):
+    """The CPU planner's byte model and CUDA's measured peak agree within a factor of 1.6."""
+    encoder = create_encoder("resnet18_cifar", width=0.5).cuda().eval()
+    images = _images(16)
+    targets = np.zeros((16, encoder.spec.embed_dim), np.float32)
+    memory = measure_configuration(encoder, trainable, images, targets, AdaptConfig(), batch=16)
+    assert memory.cuda_peak_bytes is not None
+    ratio = memory.cuda_peak_bytes / memory.model_bytes
+    assert 1 / 1.6 < ratio < 1.6, memory.to_dict()
+
+
+def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path):
+    encoder = create_encoder("resnet18_cifar", width=0.25)
+    parent = write_encoder_bundle(tmp_path / "p.edge", encoder, lineage=())
+    data = ImageDataset(_images(), None, None, "random")
+    result = adapt(parent, data, tmp_path / "a.edge",
+                   AdaptConfig(trainable="lora", steps=3, batch_size=8, device="cuda"))
+    adapt_metrics = result.bundle.manifest.metrics["adapt"]
+    assert adapt_metrics["memory_measure"] == "cuda max_memory_allocated"
+    assert adapt_metrics["peak_step_mb"] > 0 and result.steps_done == 3

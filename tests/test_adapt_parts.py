@@ -1,0 +1,152 @@
+"""Adaptation building blocks: trainable subsets, LoRA merge, AdaBN, BN folding, the memory model, the guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge_ssl.adapt_config import AdaptConfig
+from edge_ssl.adapt_export import fold_batchnorm
+from edge_ssl.adapt_plan import measure_configuration
+from edge_ssl.adapt_trainables import apply_trainables, batch_norms, reestimate_bn_stats
+from edge_ssl.errors import ConfigError
+from edge_ssl.evaluate import embedding_health
+from edge_ssl.guard import GuardConfig, check_embeddings
+from edge_ssl.lora import add_lora, merge_lora
+from edge_ssl.memory import MemoryFit, StepMemory, fit_memory, measure_step
+from edge_ssl.models import create_encoder
+from tests.conftest import ATOL, RTOL
+
+
+@pytest.fixture
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return create_encoder("resnet18_cifar", width=0.25).eval()
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)
+
+
+def _trainable(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_subsets_free_what_their_names_say(encoder):
+    names = dict(encoder.named_parameters())
+    norm = apply_trainables(encoder, "norm")
+    assert norm.names and all(".bn" in n or "downsample.1" in n for n in norm.names)
+    bias = apply_trainables(encoder, "bias")
+    assert bias.names and all(n.endswith(".bias") for n in bias.names)
+    last = apply_trainables(encoder, "last-stage")
+    assert last.names and all(n.startswith("backbone.layer4.") for n in last.names)
+    assert apply_trainables(encoder, "bn-stats").names == ()
+    assert set(apply_trainables(encoder, "full").names) == set(names)
+    with pytest.raises(ConfigError, match="trainable"):
+        apply_trainables(encoder, "everything")
+
+
+def test_lora_starts_as_identity_and_merges_back_into_the_same_weights(encoder, batch):
+    keys = set(encoder.state_dict())
+    before = encoder(batch)
+    plan = apply_trainables(encoder, "lora", lora_rank=2)
+    assert plan.lora_layers and all(".down." in n or ".up." in n for n in plan.names)
+    torch.testing.assert_close(encoder(batch), before, atol=ATOL, rtol=RTOL)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapted = encoder(batch)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    assert merge_lora(encoder) == len(plan.lora_layers)
+    assert set(encoder.state_dict()) == keys
+    torch.testing.assert_close(encoder(batch), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_linear_layers():
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    x = torch.randn(3, 16)
+    assert add_lora(model, rank=2) == ["0", "2"]
+    with torch.no_grad():
+        model[0].up.add_(0.1)
+    out = model(x)
+    merge_lora(model)
+    assert isinstance(model[0], nn.Linear)
+    torch.testing.assert_close(model(x), out, atol=ATOL, rtol=RTOL)
+
+
+def test_adabn_sets_statistics_of_the_local_data(encoder, batch):
+    shifted = batch * 3 + 2
+    first = next(batch_norms(encoder))
+    source = first.running_mean.clone()
+    reestimate_bn_stats(encoder, iter([shifted[:2], shifted[2:]]))
+    expected = encoder.backbone.conv1(shifted).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(first.running_mean, expected, atol=1e-4, rtol=1e-4)
+    assert not encoder.training  # modes restored
+    target = first.running_mean.clone()
+    first.running_mean.copy_(source)
+    reestimate_bn_stats(encoder, iter([shifted]), prior=0.5)
+    torch.testing.assert_close(first.running_mean, (source + target) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_folding_batchnorm_keeps_the_output(encoder, batch):
+    reestimate_bn_stats(encoder, iter([batch * 2 + 1]))  # non-trivial statistics
+    folded = fold_batchnorm(encoder.backbone)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(batch), encoder.backbone(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_memory_model_of_a_linear_layer_is_exact():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    memory = measure_step(lambda b: (layer(x[:b]).square().sum(), [x]), [layer], 4, optimizer="sgd")
+    weight_bytes = (16 * 8 + 8) * 4
+    assert memory.weights == weight_bytes
+    assert memory.gradients == weight_bytes and memory.optimizer_state == weight_bytes
+    assert memory.inputs == 4 * 16 * 4
+    assert memory.activations >= 4 * 16 * 4  # the input saved for the weight gradient
+    assert all(p.grad is None for p in layer.parameters())  # no step taken, nothing left behind
+
+
+def test_memory_fit_picks_the_largest_batch_that_fits():
+    small = StepMemory(batch=4, weights=100, inputs=0, activations=40, gradients=0, optimizer_state=0)
+    large = StepMemory(batch=8, weights=100, inputs=0, activations=80, gradients=0, optimizer_state=0)
+    fit = fit_memory(small, large)
+    assert fit == MemoryFit(fixed=100.0, per_image=10.0)
+    assert fit.largest_batch(260, cap=64) == 16
+    assert fit.largest_batch(50, cap=64) == 0
+
+
+def test_frozen_prefixes_keep_no_activations(encoder):
+    """The ranking a user budgets with: LoRA/last stage << norm (backward to the stem) <= full."""
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    targets = np.zeros((8, encoder.spec.embed_dim), np.float32)
+    config = AdaptConfig(head_dim=64)
+    measured = {k: measure_configuration(encoder, k, images, targets, config, batch=8)
+                for k in ("full", "norm", "last-stage", "lora")}
+    acts = {k: m.activations for k, m in measured.items()}
+    assert acts["last-stage"] < 0.3 * acts["full"] and acts["lora"] < 0.3 * acts["full"]
+    assert acts["norm"] <= acts["full"]
+    assert measured["lora"].gradients < measured["last-stage"].gradients < measured["full"].gradients
+    full = measured["full"]
+    checkpointed = measure_configuration(encoder, "full", images, targets, config, batch=8,
+                                         checkpointing=True,
+                                         block_bytes_per_image=full.largest_block / 8)
+    assert checkpointed.model_bytes < full.model_bytes
+
+
+def test_guard_flags_collapse_and_drift():
+    rng = np.random.default_rng(0)
+    deployed = rng.normal(size=(32, 16))
+    baseline = embedding_health(deployed)
+    config = GuardConfig(min_agreement=0.5)
+    assert check_embeddings(1, deployed + 0.01 * rng.normal(size=deployed.shape), deployed, baseline, config).ok
+    collapsed = np.tile(rng.normal(size=(1, 16)), (32, 1)) + 1e-6 * rng.normal(size=(32, 16))
+    report = check_embeddings(2, collapsed, deployed, baseline, config)
+    assert not report.ok and "collapsed" in report.reason
+    drifted = check_embeddings(3, rng.normal(size=(32, 16)), deployed, baseline, config)
+    assert not drifted.ok and "agreement" in drifted.reason
