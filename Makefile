@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edge-ssl-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint docs clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerate docs/cli-reference.md from the CLI (tests/test_docs.py fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python docs/gen_cli.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
