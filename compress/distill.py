@@ -12,6 +12,7 @@ from edge_ssl.bundle import Bundle, require_float_weights, write_encoder_bundle
 from edge_ssl.config import check_choice, check_positive, config_from_dict, config_to_dict
 from edge_ssl.data import ImageDataset
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
+from edge_ssl.pretrain import ProgressEvent
 
 OBJECTIVES = ("feature", "seed", "ssl")
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -100,17 +101,8 @@ class DistillConfig:
         return float(self.weights.get(objective, 1.0)) if objective in self.objectives else 0.0
 
 
-@dataclass(frozen=True)
-class DistillProgress:
-    """Reported after every optimizer step (rank 0 only); fields as pretrain's ProgressEvent."""
-
-    epoch: int
-    epochs: int
-    step: int
-    steps_per_epoch: int
-    loss: float
-    lr: float
-    images_per_second: float
+#: Progress events are pretraining's: the CLI shows both with one progress bar.
+DistillProgress = ProgressEvent
 
 
 @dataclass

@@ -104,3 +104,16 @@ def test_calibration_reader_protocol(teacher_bundle):
     reader.rewind()
     assert reader.get_next()["images"].shape[0] == 8
     assert [b.shape[0] for b in reader] == [8, 8, 4]
+
+
+def test_ort_cpu_uses_seven_bit_weights_only_on_x86_without_vnni(monkeypatch):
+    import platform
+
+    from edge_ssl.compress.quantize import ORT_CPU, TENSORRT, uses_reduce_range
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    avx2 = "flags : fpu sse avx avx2 fma"
+    vnni = "flags : fpu sse avx avx2 avx512f avx512_vnni"
+    assert uses_reduce_range(ORT_CPU, avx2) is True
+    assert uses_reduce_range(ORT_CPU, vnni) is False
+    assert uses_reduce_range(TENSORRT, avx2) is False
