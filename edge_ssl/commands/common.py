@@ -57,6 +57,17 @@ def parse_key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
     return values
 
 
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); ConfigError naming ``option`` on anything else."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated integers such as 1,8,32; got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} expects positive integers such as 1,8,32; got {text!r}.")
+    return values
+
+
 def stderr_console() -> Any:
     from rich.console import Console
 

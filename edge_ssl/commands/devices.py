@@ -217,13 +217,9 @@ def device_bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Same as `edge-ssl bench B --on TARGET`, with every SSH option spelled out."""
-    from edge_ssl.errors import ConfigError
+    from edge_ssl.commands.common import parse_int_list
 
-    try:
-        sizes = tuple(int(b) for b in batch.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch expects comma-separated integers, got {batch!r}.") from None
-    bench_on_devices(bundle, on, backend=backend, batch_sizes=sizes, duration=duration, warmup=warmup,
+    bench_on_devices(bundle, on, backend=backend, batch_sizes=parse_int_list(batch, "--batch"), duration=duration, warmup=warmup,
                      iterations=iterations, threads=threads, as_json=as_json,
                      settings=_settings(ssh_config, python, remote_root, accept_new_host))
 

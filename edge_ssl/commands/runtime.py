@@ -7,23 +7,21 @@ from typing import Annotated, Any
 
 import typer
 
-from edge_ssl.commands.common import DataOpt, JsonOpt, app, data_source, emit_json, stderr_console
+from edge_ssl.commands.common import (
+    DataOpt,
+    JsonOpt,
+    app,
+    data_source,
+    emit_json,
+    parse_int_list,
+    stderr_console,
+)
 from edge_ssl.errors import ConfigError
 
 BackendOpt = Annotated[
     str,
     typer.Option(help="auto, tensorrt, ort-tensorrt, ort-cuda, ort, torch-cuda or torch (see `edge-ssl backends`)."),
 ]
-
-
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"{option} expects comma-separated integers such as 1,8,32; got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{option} expects positive integers such as 1,8,32; got {text!r}.")
-    return values
 
 
 def _providers(text: str | None) -> list[str] | None:
@@ -86,7 +84,7 @@ def build(
     """Build a TensorRT engine for this GPU (TensorRT 10 or 11) into a new bundle."""
     from edge_ssl.runtime.build import build_bundle, default_timing_cache
 
-    sizes = _int_list(batch, "--batch")
+    sizes = parse_int_list(batch, "--batch")
     if len(sizes) != 3:
         raise ConfigError(f"--batch expects min,opt,max (three integers); got {batch!r}.")
     result = build_bundle(
@@ -121,7 +119,7 @@ def bench(
     """Latency p50/p90/p99 (MLPerf single-stream p90 is the headline) and throughput per batch size."""
     from edge_ssl.runtime.bench import bench_bundle, check_bench_settings
 
-    sizes = check_bench_settings(_int_list(batch, "--batch"), duration, warmup, iterations)
+    sizes = check_bench_settings(parse_int_list(batch, "--batch"), duration, warmup, iterations)
     if on:  # devices engineer: the agent measures on the device (edge_ssl.devices.remote)
         from edge_ssl.commands.devices import bench_on_devices
 
