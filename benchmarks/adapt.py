@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bn-priors", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75],
+                        help="also measure BN re-estimation alone at these priors (the trade-off "
+                             "between recovery and clean accuracy); none to skip")
     return parser.parse_args(argv)
 
 
@@ -115,6 +118,43 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     }
 
 
+def bn_prior_tradeoff(split, deployed, bank, args, clean: float) -> dict[str, dict[str, float]]:
+    """AdaBN alone at each prior: {prior: {recovery_frac, clean_drop_pts}} over all corruptions.
+
+    No gradient steps, so this isolates what the statistics prior trades: the share of
+    deployed (source) statistics kept, against recovery on the shifted images.
+    """
+    import copy
+
+    import torch
+
+    from edge_ssl.adapt_step import iterate_batches
+    from edge_ssl.adapt_trainables import reestimate_bn_stats
+    from edge_ssl.corruptions import corrupt
+    from edge_ssl.device import resolve_device
+
+    device = resolve_device(args.device)
+    by_prior: dict[float, dict[str, dict]] = {prior: {} for prior in args.bn_priors}
+    for name in args.corruptions:
+        adapt_x = corrupt(split["adapt_x"], name, args.severity, seed=args.seed)
+        eval_x = corrupt(split["eval_x"], name, args.severity, seed=args.seed + 1)
+        shifted = knn(deployed, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
+        for prior in args.bn_priors:
+            encoder = copy.deepcopy(deployed).to(device).eval()
+            with torch.no_grad():
+                reestimate_bn_stats(encoder, iterate_batches(adapt_x, 64, device, encoder.spec.input), prior=prior)
+            by_prior[prior][name] = {
+                "shifted": shifted, "sec_per_step": None,
+                "adapted": knn(encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
+                "clean_after": knn(encoder, *bank, split["eval_x"], split["eval_y"], args.knn_k, args.device)}
+    table: dict[str, dict[str, float]] = {}
+    for prior, rows in by_prior.items():
+        stats = summarize(rows, clean, len(split["eval_x"]))
+        table[str(prior)] = {k: stats[k] for k in ("recovery_frac", "recovery_frac_significant", "clean_drop_pts")}
+        print(f"bn-stats prior {prior}: {table[str(prior)]}", file=sys.stderr)
+    return table
+
+
 def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str, float | None]:
     """Means over corruptions; ``recovery_frac_significant`` only over shifts larger than two
     standard errors of the accuracy (a 1-2 point gap makes the ratio mostly noise)."""
@@ -167,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                         for n, r in rows.items()},
         **summarize(rows, clean, len(split["eval_x"])),
         "peak_mem_ratio": memory["ratio"], "memory": memory,
+        "bn_prior_tradeoff": (bn_prior_tradeoff(split, deployed, bank, args, clean) if args.bn_priors else None),
         "trainable": first["plan"]["trainable"], "checkpointing": first["plan"]["checkpointing"],
         "settings": {"severity": args.severity, "quick": args.quick, "steps": steps,
                      "adapt_images": len(split["adapt_x"]), "eval_images": len(split["eval_x"]),

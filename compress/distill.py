@@ -16,6 +16,7 @@ from edge_ssl.pretrain import ProgressEvent
 
 OBJECTIVES = ("feature", "seed", "ssl")
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INITS = ("random", "teacher")
 CHECKPOINT_NAME = "last.pt"
 CACHE_NAME = "teacher_cache.pt"
 #: Fixed views per image cached on CPU when ``cache_views`` is left to auto.
@@ -37,6 +38,8 @@ class DistillConfig:
       the teacher embeds N fixed views of every image once (view 0 is the plain image)
       and the student trains on those views, so CPU runs are not bound by the teacher.
     - ``lr`` is the AdamW rate for a batch of 256 (scaled linearly with the global batch).
+    - ``init``: ``random``, or ``teacher`` to start a student that is the teacher's
+      architecture at a smaller width from evenly spaced teacher channels (weight selection).
     """
 
     student: str = "resnet18_cifar"
@@ -60,6 +63,7 @@ class DistillConfig:
     device: str = "auto"
     seed: int = 0
     steps_per_epoch: int | None = None
+    init: str = "random"
 
     def __post_init__(self) -> None:
         for name in ("student_kwargs", "weights", "ssl_kwargs"):
@@ -92,6 +96,7 @@ class DistillConfig:
         if self.steps_per_epoch is not None:
             check_positive("DistillConfig", steps_per_epoch=self.steps_per_epoch)
         check_choice("DistillConfig", "teacher_precision", self.teacher_precision, TEACHER_PRECISIONS)
+        check_choice("DistillConfig", "init", self.init, INITS)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DistillConfig:
@@ -169,6 +174,11 @@ def distill(
     student = create_encoder(config.student, **config.student_kwargs)
     check_pairing(teacher_encoder.spec, student.spec)
     check_data(data, teacher_encoder.spec, config.batch_size)
+    init = {"method": "random"}
+    if config.init == "teacher":
+        from edge_ssl.compress.weight_selection import inherit_teacher_weights
+
+        init = inherit_teacher_weights(student, teacher_encoder)
     result = train_student(
         student, teacher_encoder, data, config,
         ckpt_dir=checkpoint_dir(out), resume=resume, progress=progress,
@@ -180,6 +190,7 @@ def distill(
             "teacher_sha256": teacher_bundle.manifest_sha256,
             "data": data.source,
             "num_images": len(data),
+            "student_init": init,
         }
         metrics = {
             "params": _params(result.encoder),

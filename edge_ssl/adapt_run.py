@@ -34,7 +34,7 @@ from edge_ssl.adapt_step import (
     iterate_batches,
     step_loss,
 )
-from edge_ssl.adapt_trainables import apply_trainables, reestimate_bn_stats
+from edge_ssl.adapt_trainables import apply_trainables, bn_statistics, reestimate_bn_stats
 from edge_ssl.bundle import Bundle, atomic_write_bytes
 from edge_ssl.config import config_to_dict
 from edge_ssl.data import ImageDataset
@@ -66,6 +66,7 @@ class AdaptRun:
         self.train_idx, self.hold_idx = split_holdout(len(data), config)
         self.targets = embed(encoder, self.images, batch_size=_EMBED_BATCH, device=str(device))
         self.health_before = embedding_health(self.targets[self.hold_idx])
+        self.source_bn = bn_statistics(encoder)  # the deployed statistics every bn_prior mix keeps
         self.guard_config = GuardConfig(config.min_agreement, config.min_rank_ratio)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -82,7 +83,7 @@ class AdaptRun:
             self.progress(AdaptEvent("stats", 0, self.config.steps, message="re-estimating BN statistics"))
             reestimate_bn_stats(self.encoder, iterate_batches(
                 self.images[self.train_idx], _STATS_BATCH, self.device, self.encoder.spec.input),
-                prior=self.config.bn_prior)
+                prior=self.config.bn_prior, source=self.source_bn)
         self.progress(AdaptEvent("plan", 0, self.config.steps, message="measuring step memory"))
         self.plan = plan_adaptation(self.encoder, self.images[self.train_idx],
                                     self.targets[self.train_idx], self.config,
@@ -247,7 +248,7 @@ class AdaptRun:
         if changed and self.config.bn_stats:
             reestimate_bn_stats(self.encoder, iterate_batches(
                 self.images[self.train_idx], _STATS_BATCH, self.device, self.encoder.spec.input),
-                prior=self.config.bn_prior)
+                prior=self.config.bn_prior, source=self.source_bn)
             report = check_embeddings(self.step, self._hold_embeddings(),
                                       self.targets[self.hold_idx], self.health_before,
                                       self.guard_config)

@@ -100,21 +100,33 @@ def set_norm_mode(encoder: nn.Module, *, use_batch_stats: bool) -> None:
         layer.train(use_batch_stats)
 
 
+def bn_statistics(encoder: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of every BN layer's (running_mean, running_var), in ``batch_norms`` order."""
+    return [(bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for bn in batch_norms(encoder)]
+
+
 @torch.no_grad()
 def reestimate_bn_stats(
-    encoder: nn.Module, batches: Iterator[torch.Tensor], *, prior: float = 0.0
+    encoder: nn.Module, batches: Iterator[torch.Tensor], *, prior: float = 0.0,
+    source: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> int:
     """AdaBN (Li et al. 2016): recompute every BN's running mean/var on ``batches``.
 
     ``prior`` in [0, 1) keeps that weight on the source statistics (Schneider et al. 2020,
     "Improving robustness against common corruptions by covariate shift adaptation"):
-    ``stat = prior * source + (1 - prior) * target``. Returns the number of images seen.
-    Only BN buffers change; the train/eval flag of every module is restored.
+    ``stat = prior * source + (1 - prior) * target``. ``source`` defaults to the current
+    statistics; pass the deployed model's (``bn_statistics``) when re-estimating again, or
+    the prior would compound. Returns the number of images seen. Only BN buffers change;
+    the train/eval flag of every module is restored.
     """
     layers = list(batch_norms(encoder))
     if not layers:
         return 0
-    source = [(bn.running_mean.clone(), bn.running_var.clone(), bn.momentum) for bn in layers]
+    current = bn_statistics(encoder)
+    if source is not None and [m.shape for m, _ in source] != [m.shape for m, _ in current]:
+        raise ValueError("source BN statistics do not match the encoder's BatchNorm layers.")
+    mix = source if source is not None else current
+    momenta = [bn.momentum for bn in layers]
     modes = [(m, m.training) for m in encoder.modules()]
     for bn in layers:
         bn.reset_running_stats()
@@ -126,14 +138,15 @@ def reestimate_bn_stats(
             encoder(batch)
             seen += len(batch)
     finally:
-        for bn, (mean, var, momentum) in zip(layers, source, strict=True):
+        for bn, momentum, (mean, var), (prior_mean, prior_var) in zip(
+                layers, momenta, current, mix, strict=True):
             bn.momentum = momentum
             if seen == 0:
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
             else:
-                bn.running_mean.mul_(1 - prior).add_(mean, alpha=prior)
-                bn.running_var.mul_(1 - prior).add_(var, alpha=prior)
+                bn.running_mean.mul_(1 - prior).add_(prior_mean, alpha=prior)
+                bn.running_var.mul_(1 - prior).add_(prior_var, alpha=prior)
         for module, training in modes:
             module.training = training
     return seen

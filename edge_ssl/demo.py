@@ -189,8 +189,11 @@ def stage_distill(run: DemoRun) -> None:
         warmup_epochs=min(1.0, run.config.distill_epochs), device=run.device,
         steps_per_epoch=run.config.steps_per_epoch, seed=run.config.seed,
         cache_views=run.config.cache_views,
+        # A narrower copy of the teacher starts from the teacher's channels (weight selection).
+        init="teacher" if run.config.student_arch == teacher.manifest.encoder.arch else "random",
     )
-    run.log(f"      student {config.student} x{run.config.student_width}, {config.epochs} epochs")
+    run.log(f"      student {config.student} x{run.config.student_width}, {config.epochs} epochs, "
+            f"{config.init} init")
     result = distill(teacher, config, run.train, run.out / "student.edge", overwrite=True,
                      progress=run.stage_progress("distill"))
     run.bundles["student"] = result.bundle

@@ -231,16 +231,28 @@ def _count_steps(config: PretrainConfig, source: Any, world_size: int) -> int:
 
 def _setup(config: PretrainConfig, source: Any, ckpt_path: Path) -> _Run:
     """Device, process group, method, optimizer, views and the model the step calls."""
+    from edge_ssl.device import device_kind
+    from edge_ssl.distributed import init_distributed, shutdown
+
+    dist = init_distributed(device_kind(config.device))
+    try:
+        return _build_run(config, source, ckpt_path, dist)
+    except BaseException:
+        shutdown(dist)  # a failed setup (bad device, too few images, OOM) must not leak the group
+        raise
+
+
+def _build_run(config: PretrainConfig, source: Any, ckpt_path: Path, dist: Any) -> _Run:
+    """Everything ``_setup`` does once the process group (if any) exists."""
     import torch
 
-    from edge_ssl.device import activate_device, device_kind, resolve_device
-    from edge_ssl.distributed import init_distributed, wrap_ddp
+    from edge_ssl.device import activate_device, resolve_device
+    from edge_ssl.distributed import wrap_ddp
     from edge_ssl.methods import create_method
     from edge_ssl.models import create_encoder
     from edge_ssl.optim import build_optimizer, scaled_lr
     from edge_ssl.views import ViewAugment, view_preset
 
-    dist = init_distributed(device_kind(config.device))
     device = resolve_device(config.device, local_rank=dist.local_rank if dist.enabled else None)
     activate_device(device)
     if device.type == "cuda":

@@ -150,3 +150,18 @@ def test_guard_flags_collapse_and_drift():
     assert not report.ok and "collapsed" in report.reason
     drifted = check_embeddings(3, rng.normal(size=(32, 16)), deployed, baseline, config)
     assert not drifted.ok and "agreement" in drifted.reason
+
+
+def test_a_second_reestimation_mixes_with_the_deployed_statistics_not_the_adapted_ones(encoder, batch):
+    from edge_ssl.adapt_trainables import bn_statistics
+
+    deployed = bn_statistics(encoder)
+    shifted = batch * 3 + 2
+    reestimate_bn_stats(encoder, iter([shifted]), prior=0.5, source=deployed)
+    once = bn_statistics(encoder)
+    reestimate_bn_stats(encoder, iter([shifted]), prior=0.5, source=deployed)  # e.g. after training
+    for (mean, var), (again_mean, again_var) in zip(once, bn_statistics(encoder), strict=True):
+        torch.testing.assert_close(again_mean, mean)
+        torch.testing.assert_close(again_var, var)
+    reestimate_bn_stats(encoder, iter([shifted]), prior=0.5)  # default source: the current stats
+    assert not torch.allclose(bn_statistics(encoder)[0][0], once[0][0])  # the prior compounds

@@ -285,3 +285,18 @@ def test_compile_flag_wraps_the_forward_and_keeps_clean_checkpoints(tmp_path, mo
     state = torch.load(checkpoint_dir(tmp_path / "t.edge") / "last.pt", weights_only=True)
     assert not any("_orig_mod" in key for key in state["method"]), "checkpoint keys must not depend on --compile"
     torch.testing.assert_close(_embed(load_encoder(Bundle.open(tmp_path / "t.edge"))), _embed(result.encoder))
+
+
+def test_a_failed_setup_destroys_the_process_group_it_made(tmp_path, monkeypatch):
+    """Under torchrun a setup error (here: fewer images than one global batch) must not leak the group."""
+    import edge_ssl.distributed as distributed
+
+    closed = []
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda kind, environ=None: distributed.DistInfo(0, 2, 0, owns_group=True))
+    monkeypatch.setattr(distributed, "shutdown", closed.append)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    config = PretrainConfig(arch="resnet18_cifar", arch_kwargs={"width": 0.125}, epochs=1, batch_size=4, device="cpu")
+    with pytest.raises(DataError, match="global batch"):
+        pretrain(config, ImageDataset(images, None, None, "six"), tmp_path / "out.edge")
+    assert [info.world_size for info in closed] == [2]

@@ -72,6 +72,7 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick trials).")] = None,
+    init: Annotated[str, typer.Option(help="random, or teacher: start a narrower copy of the teacher's architecture from its channels (weight selection).")] = "random",
     limit: LimitOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop.")] = False,
     overwrite: OverwriteOpt = False,
@@ -87,7 +88,7 @@ def distill(
         objectives=tuple(objective or ("feature", "seed")), weights=weights, ssl_method=ssl_method,
         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
         queue_size=queue_size, cache_views=cache_views, teacher_precision=teacher_precision,
-        device=device, seed=seed, steps_per_epoch=steps_per_epoch,
+        device=device, seed=seed, steps_per_epoch=steps_per_epoch, init=init,
     )
     dataset = _images_for(teacher, data, limit)
     with TrainingProgress(stderr_console()) as bar:
