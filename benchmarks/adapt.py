@@ -12,7 +12,8 @@ keeps; adaptation must map shifted images back into that space). Keys: corruptio
 (adapted - shifted) / (clean - shifted), clean_drop_pts = mean clean-test accuracy drop in
 points after adapting, peak_mem_ratio = adaptation step peak / full fine-tuning step peak
 at the same batch (same measure: CUDA max allocated on GPU, the byte model on CPU),
-sec_per_step, trainable. Targets: recovery_frac >= 0.5, clean_drop_pts <= 1,
+sec_per_step, trainable; bn_prior_tradeoff (AdaBN alone at --bn-priors) and
+gradient_steps_gain (the run minus AdaBN alone at its bn_prior). Targets: recovery_frac >= 0.5, clean_drop_pts <= 1,
 peak_mem_ratio <= 0.35. --quick: 500 + 500 test images, a 1,000-image bank, 10 steps.
 """
 
@@ -152,6 +153,8 @@ def bn_prior_tradeoff(split, deployed, bank, args, clean: float) -> dict[str, di
         stats = summarize(rows, clean, len(split["eval_x"]))
         table[str(prior)] = {k: stats[k] for k in ("recovery_frac", "recovery_frac_significant", "clean_drop_pts")}
         print(f"bn-stats prior {prior}: {table[str(prior)]}", file=sys.stderr)
+        table[str(prior)]["corruptions"] = {n: {"adapted": r["adapted"], "clean_after": r["clean_after"]}
+                                            for n, r in rows.items()}
     return table
 
 
@@ -169,6 +172,16 @@ def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str
             "significant_gap_floor": float(floor),
             "clean_drop_pts": float(np.mean(drops)),
             "sec_per_step": float(np.mean(steps)) if steps else None}
+
+
+def steps_gain(report: dict, prior: float) -> dict[str, float] | None:
+    """What the gradient steps add over AdaBN alone at the run's prior (same images, same run)."""
+    alone = (report.get("bn_prior_tradeoff") or {}).get(str(float(prior)))
+    if alone is None or report["trainable"] == "bn-stats":
+        return None
+    return {key: report[key] - alone[key] for key in ("recovery_frac", "recovery_frac_significant",
+                                                     "clean_drop_pts")
+            if report.get(key) is not None and alone.get(key) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
         "environment": describe_environment(),
     }
+    report["gradient_steps_gain"] = steps_gain(report, config.bn_prior)
     emit(report, args.out)
     return 0
 

@@ -135,6 +135,76 @@ class Target:
     def _raise_for_transport(self, code: int, stderr: str) -> None:
         """Transport errors (SSH exit 255) become TargetConnectionError/HostKeyError."""
 
+    def run_streaming(self, argv: Sequence[str], *, timeout: float,
+                      on_line: Callable[[str], None]) -> tuple[int, bytes, str]:
+        """Run a long command, passing each stderr line to ``on_line`` as it arrives (stdout
+        and stderr are read by one thread each, so neither pipe can fill and block it).
+
+        Returns (exit code, stdout, the last 4,000 characters of stderr); a broken
+        connection raises TargetConnectionError, the time limit passing kills the command.
+        """
+        import threading
+
+        proc = subprocess.Popen(self.command(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        tail: list[str] = []
+
+        def pump() -> None:
+            assert proc.stderr is not None  # Popen(stderr=PIPE) always sets it
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                tail.append(line)
+                del tail[:-60]
+                on_line(line)
+
+        chunks: list[bytes] = []
+        readers = [threading.Thread(target=pump, daemon=True),
+                   threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)]
+        for reader in readers:
+            reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise TargetConnectionError(
+                f"{self.label}: `{argv[0]}` did not finish within {timeout:.0f} s and was stopped."
+            ) from None
+        finally:
+            for reader in readers:
+                reader.join(timeout=5)
+        stdout = b"".join(chunks)
+        stderr = "\n".join(tail)[-4000:]
+        self._raise_for_transport(proc.returncode, stderr)
+        return proc.returncode, stdout, stderr
+
+    def save_output(self, argv: Sequence[str], local: str | os.PathLike, *,
+                    timeout: float | None = None) -> int:
+        """Write what ``argv`` prints on the target into ``local`` (atomically); its size.
+
+        Used to fetch files: ``["cat", path]``, or ``["tar", "-cf", "-", ...]`` for a folder.
+        """
+        local = Path(local)
+        tmp = local.with_name(f".{local.name}.part-{os.getpid()}")
+        limit = timeout or self.settings.command_timeout_s
+        try:
+            with open(tmp, "wb") as sink, tempfile.TemporaryFile() as err:
+                try:
+                    code = subprocess.run(self.command(argv), stdin=subprocess.DEVNULL,
+                                          stdout=sink, stderr=err, timeout=limit).returncode
+                except subprocess.TimeoutExpired:
+                    raise TargetConnectionError(
+                        f"{self.label}: `{argv[0]}` did not finish within {limit:.0f} s.") from None
+                err.seek(0)
+                stderr = err.read().decode("utf-8", "replace")
+            self._raise_for_transport(code, stderr)
+            if code != 0:
+                raise self._failure(argv, code, stderr)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local.stat().st_size
+
     def ensure_agent(self) -> str:
         """Upload the agent kit (once per Target) and return the remote agent path."""
         kit_dir = f"{self.root}/{AGENT_DIR}"

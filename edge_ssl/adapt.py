@@ -17,7 +17,8 @@ from edge_ssl.data import ImageDataset
 from edge_ssl.errors import BundleError, DataError
 from edge_ssl.evaluate import EmbeddingHealth
 
-__all__ = ["AdaptConfig", "AdaptEvent", "AdaptResult", "adapt", "checkpoint_path", "data_fingerprint"]
+__all__ = ["AdaptConfig", "AdaptEvent", "AdaptResult", "adapt", "checkpoint_path", "data_fingerprint",
+           "deployment_name"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,17 @@ def adapt(
         deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
         profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
     )
+
+
+def deployment_name(bundle: Bundle) -> str:
+    """The deployment an adapted bundle belongs to: the name of the model that adaptation
+    started from (through any chain of adaptations), else the bundle's own name."""
+    name = bundle.manifest.name
+    for entry in reversed(bundle.manifest.lineage):
+        if entry.stage != "adapt" or not entry.parent_name:
+            break
+        name = entry.parent_name
+    return name
 
 
 def lineage_settings(config: AdaptConfig, data: ImageDataset, plan: dict[str, Any],

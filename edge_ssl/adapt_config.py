@@ -39,8 +39,11 @@ class AdaptConfig:
       stays fixed during the gradient steps (SSL views would skew its statistics).
     - ``optimizer``/``lr``: AdamW at 1e-3 (as Tent and LoRA use); SGD at 0.01 moved
       zero-initialized LoRA adapters by ~1e-6 of the weights in 10 steps, i.e. not at all.
-    - loss = ``ssl_weight`` x SimSiam/BYOL loss + ``distill_weight`` x (1 - cos) to the
-      deployed model's embedding of the same image.
+    - loss = ``ssl_weight`` x SimSiam/BYOL loss + ``distill_weight`` x (1 - cos) to a frozen
+      embedding of the same image: ``distill_to`` ``bn-adapted`` (the deployed weights with the
+      re-estimated statistics, taken once after the statistics pass) or ``deployed`` (the
+      deployed model as it was; this pulls the steps back towards the shifted embedding that
+      the statistics pass just corrected).
     - ``select``: EATA-style sample selection: skip images whose deployed embedding is
       within cosine ``select_threshold`` of the running mean of the ones already used.
     - guard: every ``guard_every`` steps on a held-back ``holdout_frac`` of the images;
@@ -59,6 +62,7 @@ class AdaptConfig:
     weight_decay: float = 0.0
     ssl_weight: float = 1.0
     distill_weight: float = 1.0
+    distill_to: str = "bn-adapted"
     bn_stats: bool = True
     bn_prior: float = 0.5
     select: bool = False
@@ -80,6 +84,7 @@ class AdaptConfig:
         check_choice(owner, "method", self.method, ADAPT_METHODS)
         check_choice(owner, "optimizer", self.optimizer, ("sgd", "adamw"))
         check_choice(owner, "checkpointing", self.checkpointing, ("auto", "on", "off"))
+        check_choice(owner, "distill_to", self.distill_to, ("bn-adapted", "deployed"))
         for name in ("steps", "guard_every", "checkpoint_every", "lora_rank", "head_dim"):
             _integer(owner, name, getattr(self, name), 1)
         _integer(owner, "batch_size", self.batch_size, MIN_BATCH)

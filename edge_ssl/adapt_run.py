@@ -65,6 +65,7 @@ class AdaptRun:
         self.images = data.images
         self.train_idx, self.hold_idx = split_holdout(len(data), config)
         self.targets = embed(encoder, self.images, batch_size=_EMBED_BATCH, device=str(device))
+        self.distill_targets = self.targets  # replaced after the statistics pass (distill_to)
         self.health_before = embedding_health(self.targets[self.hold_idx])
         self.source_bn = bn_statistics(encoder)  # the deployed statistics every bn_prior mix keeps
         self.guard_config = GuardConfig(config.min_agreement, config.min_rank_ratio)
@@ -84,6 +85,9 @@ class AdaptRun:
             reestimate_bn_stats(self.encoder, iterate_batches(
                 self.images[self.train_idx], _STATS_BATCH, self.device, self.encoder.spec.input),
                 prior=self.config.bn_prior, source=self.source_bn)
+            if self.config.distill_to == "bn-adapted":
+                self.distill_targets = embed(self.encoder, self.images, batch_size=_EMBED_BATCH,
+                                             device=str(self.device))
         self.progress(AdaptEvent("plan", 0, self.config.steps, message="measuring step memory"))
         self.plan = plan_adaptation(self.encoder, self.images[self.train_idx],
                                     self.targets[self.train_idx], self.config,
@@ -154,7 +158,7 @@ class AdaptRun:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logs, _ = step_loss(self.method, self.views, self.images[index], self.targets[index],
+        loss, logs, _ = step_loss(self.method, self.views, self.images[index], self.distill_targets[index],
                                   self.config, self.device)
         if not torch.isfinite(loss):
             raise TrainingError(
@@ -213,6 +217,7 @@ class AdaptRun:
             "selector": None if self.selector is None or self.selector.mean is None
             else torch.from_numpy(np.asarray(self.selector.mean, dtype=np.float32)),
             "step_seconds": self.step_seconds, "peak_step_mb": self.peak_step_mb,
+            "distill_targets": torch.from_numpy(np.ascontiguousarray(self.distill_targets)),
         }
 
     def save_checkpoint(self) -> None:
@@ -237,6 +242,8 @@ class AdaptRun:
         self.history, self.guard = list(state["history"]), list(state["guard"])
         self.step_seconds = list(state.get("step_seconds", []))
         self.peak_step_mb = float(state.get("peak_step_mb", 0.0))
+        if state.get("distill_targets") is not None:
+            self.distill_targets = state["distill_targets"].numpy()
         if self.selector is not None and state.get("selector") is not None:
             self.selector.mean = state["selector"].numpy().astype(np.float64)
 

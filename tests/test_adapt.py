@@ -65,6 +65,30 @@ def test_writes_a_plain_encoder_bundle_with_lineage(parent, tmp_path, trainable)
     assert not checkpoint_path(tmp_path / "a.edge").parent.exists()  # cleaned up on success
 
 
+@pytest.mark.parametrize("distill_to", ["bn-adapted", "deployed"])
+def test_distillation_targets_follow_distill_to_and_are_checkpointed(parent, tmp_path, monkeypatch,
+                                                                     distill_to):
+    import edge_ssl.adapt_run as adapt_run
+    from edge_ssl.evaluate import embed
+
+    seen, states = [], []
+    real_loss = adapt_run.step_loss
+
+    def spy(method, views, images, targets, config, device):
+        seen.append(targets.copy())
+        return real_loss(method, views, images, targets, config, device)
+
+    monkeypatch.setattr(adapt_run, "step_loss", spy)
+    monkeypatch.setattr(adapt_run.AdaptRun, "save_checkpoint", lambda run: states.append(run.checkpoint_state()))
+    data = _images(48)
+    adapt(parent, data, tmp_path / "a.edge", AdaptConfig(trainable="lora", distill_to=distill_to, **FAST))
+    checkpointed = states[0]["distill_targets"].numpy()  # what --resume continues with
+    rows = {row.tobytes() for row in checkpointed}
+    assert all(row.tobytes() in rows for batch in seen for row in batch)
+    deployed = embed(load_encoder(parent), data.images, batch_size=64, device="cpu")
+    assert np.allclose(checkpointed, deployed, atol=1e-5) == (distill_to == "deployed")
+
+
 def test_images_of_another_size_are_resized(parent, tmp_path):
     result = adapt(parent, _images(40, size=48), tmp_path / "a.edge", AdaptConfig(trainable="bn-stats", **FAST))
     assert result.bundle.manifest.encoder.input.shape == (3, 32, 32)
@@ -203,3 +227,18 @@ def test_cli_reports_json_and_one_line_errors(parent, tmp_path, capsys):
     assert done.value.code in (0, None), captured.err
     report = json.loads(captured.out)
     assert report["plan"]["trainable"] == "bn-stats" and Path(report["bundle"]).is_dir()
+
+
+def test_adapted_bundles_belong_to_the_deployment_they_started_from(parent, tmp_path):
+    from edge_ssl.adapt import deployment_name
+    from edge_ssl.bundle import lineage_entry
+
+    encoder = load_encoder(parent)
+    first = write_encoder_bundle(tmp_path / "cam-monday.edge", encoder,
+                                 lineage=parent.child_lineage("adapt", {}))
+    second = write_encoder_bundle(tmp_path / "cam-tuesday.edge", encoder,
+                                  lineage=first.child_lineage("adapt", {}))
+    assert deployment_name(first) == deployment_name(second) == parent.manifest.name
+    other = write_encoder_bundle(tmp_path / "student.edge", encoder,
+                                 lineage=(lineage_entry("distill", {}, parent),))
+    assert deployment_name(other) == "student"  # only adaptation keeps the deployment

@@ -49,7 +49,7 @@ def test_reexports_onnx_and_reports_engines_it_cannot_refit(tmp_path):
     assert cosine.min() > COSINE_MIN
 
 
-def test_on_local_target_deploys_under_the_parents_deployment_name(tmp_path, monkeypatch, capsys):
+def test_train_on_host_deploys_under_the_parents_deployment_name(tmp_path, monkeypatch, capsys):
     import json
 
     from edge_ssl.bundle import write_encoder_bundle
@@ -63,7 +63,7 @@ def test_on_local_target_deploys_under_the_parents_deployment_name(tmp_path, mon
     device_root = tmp_path / "device"
     monkeypatch.setenv("EDGE_SSL_REMOTE_ROOT", str(device_root))
     args = ["adapt", str(parent.path), "--data", str(tmp_path / "local.npz"), "--on", "local",
-            "--trainable", "bn-stats", "--device", "cpu", "--budget-mb", "500", "--json"]
+            "--train-on", "host", "--trainable", "bn-stats", "--device", "cpu", "--budget-mb", "500", "--json"]
     with pytest.raises(SystemExit) as done:
         main([*args, "--out", str(tmp_path / "cam-adapted.edge")])
     captured = capsys.readouterr()

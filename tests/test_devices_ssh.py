@@ -118,9 +118,10 @@ class LoopbackDevice:
         self.proc = None
 
 
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    home = tmp_path_factory.mktemp("sshd")
+def loopback_device(home: Path):
+    """A started LoopbackDevice (a generator for module-scoped fixtures); skips when sshd cannot run."""
+    if not SSHD.is_file():
+        pytest.skip("OpenSSH server not installed (/usr/sbin/sshd); .ci/run installs openssh-server")
     dev = LoopbackDevice(home)
     try:
         dev.start()
@@ -128,6 +129,11 @@ def device(tmp_path_factory):
         pytest.skip(f"could not start a loopback sshd: {exc}")
     yield dev
     dev.kill()
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    yield from loopback_device(tmp_path_factory.mktemp("sshd"))
 
 
 @pytest.fixture

@@ -23,15 +23,23 @@ def adapt(
     bundle: Annotated[Path, typer.Argument(help="The deployed bundle (float, or quantized with its float parent on disk).")],
     out: Annotated[Path, typer.Option(help="Adapted bundle to write, e.g. adapted.edge.")],
     data: DataOpt = None,
-    on: Annotated[str | None, typer.Option(help="Device to deploy the result to (local or ssh://user@host); its "
+    on: Annotated[str | None, typer.Option(help="Device (local or ssh://user@host) to adapt on and deploy to; its "
                                            "profile sets the default budget. Staged, verified, rollback kept.")] = None,
+    train_on: Annotated[str, typer.Option(help="With --on: 'device' trains on the device on its own images "
+                                          "(--data is a path there; needs edge-ssl + torch on it), 'host' "
+                                          "trains here on local images and deploys the result.")] = "device",
+    device_python: Annotated[str | None, typer.Option(
+        help="--train-on device: the device's Python with torch and edge-ssl (default: the "
+        "agent's, EDGE_SSL_DEVICE_PYTHON or python3).")] = None,
+    device_timeout: Annotated[float, typer.Option(help="--train-on device: seconds the run may take.")] = 6 * 3600.0,
     profile: Annotated[str | None, typer.Option(help="Device profile for the default budget (e.g. orin-nano-8gb).")] = None,
     budget_mb: Annotated[float | None, typer.Option(help="Memory for one step in MiB (default: 25% of the "
                                                     "profile's memory, else 50% of free memory).")] = None,
     steps: Annotated[int, typer.Option(help="Gradient steps (20-100 is typical on device).")] = 30,
     trainable: Annotated[str, typer.Option(help="auto, bn-stats, bias, norm, lora, last-stage or full.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Largest batch; shrunk to fit the budget.")] = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate (lower it if the guard stops the run).")] = 0.01,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-3 with AdamW; lower it if the "
+                                             "guard stops the run).")] = None,
     method: Annotated[str, typer.Option(help="SSL loss: simsiam or byol.")] = "simsiam",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     opt: Annotated[list[str] | None, typer.Option(help="Any AdaptConfig KEY=VALUE, e.g. bn_prior=0.2 (repeatable).")] = None,
@@ -46,11 +54,20 @@ def adapt(
     from edge_ssl.adapt import adapt as run_adapt
     from edge_ssl.data import load_images
 
-    config = AdaptConfig.from_dict({
-        "trainable": trainable, "steps": steps, "batch_size": batch_size, "budget_mb": budget_mb,
-        "lr": lr, "method": method, "device": device, **parse_key_values(opt, "--opt"),
-    })
+    settings = {"trainable": trainable, "steps": steps, "batch_size": batch_size, "budget_mb": budget_mb,
+                "method": method, "device": device, **({"lr": lr} if lr is not None else {}),
+                **parse_key_values(opt, "--opt")}
+    config = AdaptConfig.from_dict(settings)  # checked here, before anything reaches a device
+    if train_on not in ("device", "host"):
+        raise typer.BadParameter(f"--train-on must be device or host; got {train_on!r}.")
     target = _open_target(on) if on else None
+    if target is not None and train_on == "device":
+        if not data:
+            raise typer.BadParameter("--train-on device needs --data: the images' path on the device.")
+        _adapt_on_device(bundle, target, out, list(data), profile, device_python, device_timeout,
+                         _pass_through(settings, opt, limit), resume=resume, overwrite=overwrite,
+                         as_json=as_json)
+        return
     memory_gb = _profile_memory_gb(profile, target)
     dataset = load_images(data_source(data), limit=limit)
     console = stderr_console()
@@ -65,6 +82,48 @@ def adapt(
         emit_json(report)
         return
     _summary(console, result, report.get("deploy"))
+
+
+def _pass_through(settings: dict[str, Any], opt: list[str] | None, limit: int | None) -> list[str]:
+    """The adapt options for the device's command line (only what was set)."""
+    args = ["--steps", str(settings["steps"]), "--trainable", settings["trainable"],
+            "--batch-size", str(settings["batch_size"]), "--method", settings["method"],
+            "--device", settings["device"]]
+    if settings.get("budget_mb") is not None:
+        args += ["--budget-mb", repr(settings["budget_mb"])]
+    if "lr" in settings and not any(o.startswith("lr=") for o in opt or []):
+        args += ["--lr", repr(settings["lr"])]
+    for item in opt or []:
+        args += ["--opt", item]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    return args
+
+
+def _adapt_on_device(bundle: Path, target: Any, out: Path, data: list[str], profile: str | None,
+                     python: str | None, timeout: float, cli_args: list[str], *, resume: bool,
+                     overwrite: bool, as_json: bool) -> None:
+    from edge_ssl.devices.remote_adapt import DeviceAdaptJob, adapt_on_device
+
+    console = stderr_console()
+    job = DeviceAdaptJob(data=tuple(data), cli_args=tuple(cli_args), python=python, profile=profile,
+                         resume=resume, timeout_s=timeout)
+    show = (lambda line: None) if as_json else (lambda line: console.print(f"[{target.label}] {line}",
+                                                                             markup=False, highlight=False))
+    with target:
+        report = adapt_on_device(bundle, target, out, job, overwrite=overwrite, progress=show)
+    if as_json:
+        emit_json(report)
+        return
+    plan, deployed = report["plan"], report["deploy"]
+    console.print(
+        f"adapted on {deployed['target']} (torch {report['trained_on']['torch']}): trainable "
+        f"{plan['trainable']}, batch {plan['batch_size']}, {report['steps_done']} steps, step memory "
+        f"{report['peak_step_mb']:.1f} MiB; copy at {out}"
+    )
+    if report.get("stopped"):
+        console.print(f"stopped early: {report['stopped']}")
+    console.print(f"deployed version {deployed['version']} (previous {deployed['previous']}, kept for rollback)")
 
 
 def _printer(console: Any, quiet: bool) -> Any:
@@ -124,9 +183,10 @@ def _profile_memory_gb(profile: str | None, target: Any) -> float | None:
 
 def _deploy(adapted: Path, target: Any, parent: Path, profile: str | None) -> dict[str, Any]:
     """Deploy under the parent's deployment name: `current` switches, the parent stays for rollback."""
+    from edge_ssl.adapt import deployment_name
     from edge_ssl.bundle import Bundle
     from edge_ssl.devices.deploy import DeployOptions, deploy
 
-    name = Bundle.open(parent, verify=False).manifest.name
+    name = deployment_name(Bundle.open(parent, verify=False))
     return deploy(adapted, target, DeployOptions(name=name, profile=profile)).to_dict()
 
