@@ -94,9 +94,10 @@ def adapt_on_device(
     (the fetched copy at ``out``), ``trained_on`` (the device's versions) and ``deploy``.
     """
     out = Path(out)
-    weights = require_float_weights(Bundle.open(bundle_path, verify=True), "adaptation")
+    deployed = Bundle.open(bundle_path, verify=True)
+    weights = require_float_weights(deployed, "adaptation")
     _check_out(out, overwrite)
-    name = job.name or deployment_name(Bundle.open(bundle_path, verify=False))
+    name = job.name or deployment_name(deployed)
     python = job.python or target.settings.python
     versions = probe_device_python(target, python)
     info = target.agent("info", "--root", target.root, "--name", name, "--light")
