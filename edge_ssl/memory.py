@@ -24,7 +24,8 @@ class StepMemory:
     ``model_bytes``: the sum of the parts, measured the same way on CPU and GPU
     (weights + buffers + inputs + tensors autograd saved for the backward + gradients +
     optimizer state). ``cuda_peak_bytes``: ``torch.cuda.max_memory_allocated`` over the
-    same step on a GPU (None on CPU), which adds the allocator's and kernels' workspace.
+    same step on a GPU (None on CPU), above what was allocated before it, plus the weights:
+    it adds the kernels' transient workspace; per-process library workspaces are left out.
     """
 
     batch: int
@@ -117,9 +118,7 @@ def measure_step(
     trainable = [p for p in params if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    before = _cuda_baseline(loss_fn, trainable, batch, device) if cuda else 0
     tag: list[object] = [None]
     block_inputs: dict[object, int] = {}
     handles = _tag_blocks(blocks, tag, block_inputs)
@@ -133,9 +132,10 @@ def measure_step(
             handle.remove()
     by_block = {k: v for k, v in saved["by_tag"].items() if k is not None}  # type: ignore[union-attr]
     cuda_peak = None
+    weights = tensor_bytes(params + buffers)
     if cuda:
         torch.cuda.synchronize(device)
-        cuda_peak = int(torch.cuda.max_memory_allocated(device))
+        cuda_peak = int(torch.cuda.max_memory_allocated(device)) - before + weights
     grads = sum(p.numel() * p.element_size() for p in trainable)
     for p in trainable:
         p.grad = None
@@ -143,7 +143,7 @@ def measure_step(
     factor = OPTIMIZER_STATE_FACTOR.get(optimizer, 2)
     return StepMemory(
         batch=batch,
-        weights=tensor_bytes(params + buffers),
+        weights=weights,
         inputs=tensor_bytes(inputs),
         activations=int(saved["bytes"]),  # type: ignore[call-overload]
         gradients=grads,
@@ -152,6 +152,26 @@ def measure_step(
         recompute=sum(block_inputs.values()) + largest_block if checkpointed else 0,
         largest_block=max(by_block.values(), default=0),
     )
+
+
+def _cuda_baseline(loss_fn: Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]],
+                   trainable: list[torch.Tensor], batch: int, device: torch.device) -> int:
+    """One unmeasured forward + backward, then the bytes allocated before the measured step.
+
+    The warm-up makes cuBLAS/cuDNN allocate their per-process workspaces (32 MiB and more on
+    Hopper) outside the measurement; subtracting what is already allocated leaves out tensors
+    that are not part of the step (other models in the process). The step's own weights are
+    added back by the caller.
+    """
+    loss, _ = loss_fn(batch)
+    if loss.requires_grad:
+        loss.backward()
+    for p in trainable:
+        p.grad = None
+    del loss
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
 
 
 def _tag_blocks(blocks: list[nn.Module], tag: list[object], inputs: dict[object, int]) -> list:
