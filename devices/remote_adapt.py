@@ -37,8 +37,13 @@ from edge_ssl.devices.deploy import (
 from edge_ssl.devices.target import Target, TargetConnectionError, TargetError
 
 from edge_ssl.adapt import deployment_name
-from edge_ssl.bundle import WEIGHTS_NAME, Bundle, require_float_weights, unpack_bundle
-from edge_ssl.errors import BundleError
+from edge_ssl.bundle import (
+    WEIGHTS_NAME,
+    Bundle,
+    check_bundle_out,
+    require_float_weights,
+    unpack_bundle,
+)
 
 #: Printed by the device's Python: proves it can run adaptation and says with what.
 PROBE = ("import json, sys, torch, edge_ssl; print(json.dumps({'python': sys.version.split()[0], "
@@ -96,7 +101,7 @@ def adapt_on_device(
     out = Path(out)
     deployed = Bundle.open(bundle_path, verify=True)
     weights = require_float_weights(deployed, "adaptation")
-    _check_out(out, overwrite)
+    check_bundle_out(out, overwrite=overwrite)
     name = job.name or deployment_name(deployed)
     python = job.python or target.settings.python
     versions = probe_device_python(target, python)
@@ -165,7 +170,7 @@ def fetch_bundle(target: Target, remote_dir: str, out: Path, *, overwrite: bool)
         tar = work / "bundle.tar"
         target.save_output(["tar", "-cf", "-", "-C", parent, base], tar, timeout=3600)
         fetched = unpack_bundle(tar, work / "unpacked")
-        _check_out(out, overwrite)
+        check_bundle_out(out, overwrite=overwrite)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -176,13 +181,6 @@ def fetch_bundle(target: Target, remote_dir: str, out: Path, *, overwrite: bool)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Bundle.open(out, verify=True)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise BundleError(f"{out} exists and is not a bundle; refusing to replace it.")
 
 
 def _data_key(data: tuple[str, ...]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH, MIN_HOLDOUT, MIN_IMAGES, AdaptConfig
-from edge_ssl.bundle import Bundle, require_float_weights, write_encoder_bundle
+from edge_ssl.bundle import Bundle, check_bundle_out, require_float_weights, write_encoder_bundle
 from edge_ssl.config import config_to_dict
 from edge_ssl.data import ImageDataset
 from edge_ssl.errors import BundleError, DataError
@@ -91,8 +91,7 @@ def check_inputs(
     out = Path(out)
     if out.resolve() in (deployed.path.resolve(), weights.path.resolve()):
         raise BundleError(f"--out {out} is the input bundle; adaptation writes a new bundle.")
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_bundle_out(out, overwrite=overwrite)  # also: a non-bundle there is never replaced
     ckpt = checkpoint_path(out)
     if ckpt.exists() and not resume:
         raise BundleError(

@@ -253,6 +253,14 @@ class Bundle:
         return (*self.manifest.lineage, lineage_entry(stage, settings, parent=self))
 
 
+def check_bundle_out(out: Path, *, overwrite: bool) -> None:
+    """BundleError unless a bundle may be written at ``out``: absent, or a bundle and ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        raise BundleError(f"{out} exists and is not a bundle; refusing to replace it.")
+
+
 class BundleWriter:
     """Builds a bundle in a hidden temp dir next to ``out`` and renames it into place.
 
@@ -262,14 +270,7 @@ class BundleWriter:
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise BundleError(
-                f"{self.out} already exists; choose another --out or pass --overwrite."
-            )
-        if self.out.exists() and not (self.out / MANIFEST_NAME).is_file():
-            raise BundleError(
-                f"{self.out} exists and is not a bundle; refusing to replace it."
-            )
+        check_bundle_out(self.out, overwrite=overwrite)
         parent = self.out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
