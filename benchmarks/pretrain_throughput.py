@@ -5,11 +5,13 @@
 
 Each setting runs the real ``pretrain()`` loop on the same random images with the same
 seed. ``old-default`` is the loop as it was before issue 5 (per-step loss read-out, no
-channels_last, per-tensor LARS); ``new-default`` is today's default; ``+compile`` and
+channels_last, per-tensor LARS, kornia views from benchmarks/legacy_views.py);
+``kornia-views`` is today's loop with those old views; ``new-default`` is today's default; ``+compile`` and
 ``+cuda-graphs`` add the optional flags. Reported per setting: images/s after warm-up,
 the ratio to old-default, and the model FLOPs utilization (MFU = images/s x FLOPs per
 image / the GPU's bf16 dense peak from PEAK_TFLOPS below, labelled; FLOPs per image of one
 training step, 2 views x forward + backward, counted with torch.utils.flop_counter).
+``views_ms_per_batch`` times the two view implementations alone on one batch.
 The loss curves of every setting are compared with old-default's over the same steps.
 Numbers are never compared across machines; only the ratios inside one JSON mean anything.
 """
@@ -51,7 +53,8 @@ def gpu_peak_tflops(name: str) -> tuple[float | None, str]:
 
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "old-default": {"channels_last": False, "log_every": 1, "legacy_lars": True},
+    "old-default": {"channels_last": False, "log_every": 1, "legacy_lars": True, "legacy_views": True},
+    "kornia-views": {"legacy_views": True},  # today's loop with the old views: what the views add
     "new-default": {},
     "+compile": {"compile": True},
     "+cuda-graphs": {"cuda_graphs": True},
@@ -83,6 +86,24 @@ class TimedSource:
 
 
 @contextlib.contextmanager
+def legacy_views(enabled: bool) -> Any:
+    """The kornia views of the old default (benchmarks/legacy_views.py; needs kornia)."""
+    import edge_ssl.views as views
+
+    if not enabled:
+        yield
+        return
+    from legacy_views import KorniaViewAugment
+
+    real = views.ViewAugment
+    views.ViewAugment = KorniaViewAugment
+    try:
+        yield
+    finally:
+        views.ViewAugment = real
+
+
+@contextlib.contextmanager
 def legacy_lars(enabled: bool) -> Any:
     """The per-tensor LARS loop of the old default."""
     import edge_ssl.optim as optim
@@ -110,6 +131,7 @@ def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict
 
     knobs = dict(SETTINGS[name])
     legacy = knobs.pop("legacy_lars", False)
+    old_views = knobs.pop("legacy_views", False)
     warmup = args.compile_warmup if knobs.get("compile") or knobs.get("cuda_graphs") else args.warmup
     total = len(data) // args.batch_size
     config = pretrain_module.PretrainConfig(
@@ -128,7 +150,7 @@ def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict
 
     pretrain_module._read_loss = stamped
     try:
-        with legacy_lars(legacy), tempfile.TemporaryDirectory() as tmp:
+        with legacy_lars(legacy), legacy_views(old_views), tempfile.TemporaryDirectory() as tmp:
             pretrain_module.pretrain(config, source, Path(tmp) / "t.edge", progress=events.append)
     finally:
         pretrain_module._read_loss = real
@@ -172,6 +194,35 @@ def flops_per_image(args: argparse.Namespace) -> float:
     return counter.get_total_flops() / batch
 
 
+def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds per call of the method's views on one batch: kornia (old) vs edge_ssl.views."""
+    import torch
+    from legacy_views import KorniaViewAugment
+
+    from edge_ssl.methods import create_method
+    from edge_ssl.models import create_encoder
+    from edge_ssl.views import ViewAugment, view_preset
+
+    method = create_method(args.method, create_encoder(args.arch, width=args.width))
+    spec = method.encoder.spec.input
+    config = view_preset(method.view_preset, spec.image_size, local_crops=method.num_local_views)
+    images = torch.rand(args.batch_size, 3, *spec.shape[1:], device=device)
+    timings = {}
+    for name, kind in (("kornia", KorniaViewAugment), ("edge_ssl", ViewAugment)):
+        augment = kind(config, spec).to(device)
+        for _ in range(3):
+            augment(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            augment(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = round(1000 * (time.perf_counter() - started) / repeats, 3)
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="simclr")
@@ -197,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_ssl.environment import describe_environment
 
     device = resolve_device(args.device)
-    default = list(SETTINGS) if device.type == "cuda" else ["old-default", "new-default"]
+    default = list(SETTINGS) if device.type == "cuda" else ["old-default", "kornia-views", "new-default"]
     names = args.settings.split(",") if args.settings else default
     warmup = max(args.warmup, args.compile_warmup) if set(names) & {"+compile", "+cuda-graphs"} else args.warmup
     most = (warmup + args.steps) * args.batch_size
@@ -248,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "repeats": args.repeats,
         "flops_per_image": flops,
+        "views_ms_per_batch": views_milliseconds(args, device),
         "loss_rtol": args.loss_rtol,
         "rows": rows,
         "environment": describe_environment(),

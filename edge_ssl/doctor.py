@@ -44,7 +44,6 @@ CHECKS: dict[str, Callable[[], str]] = {
     "torch": _torch,
     "torchvision": _module_version("torchvision"),
     "timm": _module_version("timm"),
-    "kornia": _module_version("kornia"),
     "onnx": _module_version("onnx"),
     "onnxruntime": _onnxruntime,
     "tensorrt": _tensorrt,

@@ -15,7 +15,6 @@ TRACKED_PACKAGES = (
     "torch",
     "torchvision",
     "timm",
-    "kornia",
     "numpy",
     "onnx",
     "onnxruntime",

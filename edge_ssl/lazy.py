@@ -16,7 +16,6 @@ INSTALL_HINTS: dict[str, str] = {
     "neural_compressor": "pip install neural-compressor",
     "jtop": "pip install jetson-stats (Jetson only)",
     "torch": "pip install 'torch==2.14.1' 'torchvision==0.29.1'",
-    "kornia": "pip install kornia",
     "timm": "pip install timm",
     "onnx": "pip install onnx",
 }

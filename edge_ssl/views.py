@@ -1,17 +1,15 @@
-"""Two-view (and DINO multi-crop) SSL augmentation of whole batches on the model's device with kornia."""
+"""Two-view (and DINO multi-crop) SSL augmentation of whole batches on the model's device."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from edge_ssl import view_ops
 from edge_ssl.errors import ConfigError, DataError
-from edge_ssl.lazy import require
 from edge_ssl.registry import did_you_mean
 from edge_ssl.spec import InputSpec
 from edge_ssl.tensors import normalize
@@ -165,6 +163,20 @@ def view_preset(method: str, image_size: int, **overrides: Any) -> ViewConfig:
     return ViewConfig(**settings)
 
 
+@dataclass(frozen=True)
+class _Pipeline:
+    """One kind of view: output size, crop area range, blur and solarize probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+_JITTER_STEPS = (view_ops.adjust_brightness, view_ops.adjust_contrast, view_ops.adjust_saturation,
+                 view_ops.adjust_hue)
+
+
 def _blur_kernel(size: int) -> int:
     """Odd kernel about 10% of the view size (SimCLR; 23 px at 224), at least 3."""
     kernel = max(3, int(round(0.1 * size)))
@@ -176,10 +188,12 @@ class ViewAugment(torch.nn.Module):
 
     Input: float (N, 3, H, W) in 0..1 on any device (see ``edge_ssl.tensors.images_to_tensor``).
     Output: two (N, 3, size, size) views, then ``local_crops`` (N, 3, local_size, local_size)
-    views, on the input's device. Every sample draws its own parameters. Random numbers come
-    from torch's CPU generator, so ``torch.manual_seed`` reproduces the views on CPU and GPU
-    alike; pass ``generator`` to draw from a private stream instead (the global state is then
-    left untouched).
+    views, on the input's device. Every sample draws its own parameters; the colour jitter
+    steps run in one random order per view of a batch. Random numbers come from torch's
+    CPU generator, so ``torch.manual_seed`` reproduces the views on CPU and GPU alike; pass
+    ``generator`` to draw from a private stream instead (the global state is then left
+    untouched). Each view is a fixed handful of batched kernels (``edge_ssl.view_ops``),
+    whatever the batch size.
     """
 
     def __init__(
@@ -196,70 +210,43 @@ class ViewAugment(torch.nn.Module):
         self.config = config
         self.spec = spec
         self.generator = generator
-        self.global_views = torch.nn.ModuleList(
-            self._pipeline(config.size, config.crop_scale, config.blur_p[i], config.solarize_p[i])
-            for i in range(2)
-        )
-        self.local_view: torch.nn.Module | None = None
+        self.pipelines = [_Pipeline(config.size, config.crop_scale, config.blur_p[i], config.solarize_p[i])
+                          for i in range(2)]
         if config.local_crops > 0:
             local_blur = 0.5 if max(config.blur_p) > 0 else 0.0
-            self.local_view = self._pipeline(config.local_size, config.local_scale, local_blur, 0.0)
+            local = _Pipeline(config.local_size, config.local_scale, local_blur, 0.0)
+            self.pipelines += [local] * config.local_crops
 
-    def _pipeline(
-        self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
-    ) -> torch.nn.Sequential:
-        augmentation = require("kornia", "SSL view augmentation").augmentation
-        cfg = self.config
-        # "resample" crops the whole batch with one warp; "slice" loops over the samples,
-        # which is slower on a GPU at training batch sizes.
-        steps: list[torch.nn.Module] = [
-            augmentation.RandomResizedCrop(
-                (size, size), scale=scale, ratio=CROP_RATIO, cropping_mode="resample",
-                align_corners=False,
-            )
-        ]
-        if cfg.flip_p > 0:
-            steps.append(augmentation.RandomHorizontalFlip(p=cfg.flip_p))
-        if cfg.jitter_p > 0 and max(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) > 0:
-            # ColorJitter (not ColorJiggle) uses torchvision's factors, which the papers' numbers
-            # refer to; kornia draws one order of the four steps per batch, torchvision per image.
-            steps.append(
-                augmentation.ColorJitter(
-                    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_p
-                )
-            )
-        if cfg.gray_p > 0:
-            steps.append(augmentation.RandomGrayscale(p=cfg.gray_p))
-        if blur_p > 0:
-            kernel = _blur_kernel(size)
-            steps.append(augmentation.RandomGaussianBlur((kernel, kernel), BLUR_SIGMA, p=blur_p))
-        if solarize_p > 0:
-            steps.append(
-                augmentation.RandomSolarize(
-                    thresholds=(SOLARIZE_THRESHOLD, SOLARIZE_THRESHOLD), additions=(0.0, 0.0),
-                    p=solarize_p,
-                )
-            )
-        return torch.nn.Sequential(*steps)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ViewAugment:
-        # kornia moves its samplers with .to(device); keep them on the CPU so that one seed
-        # gives the same views on every device (the drawn parameters are tiny).
-        out = super()._apply(fn, *args, **kwargs)
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_rng_device_and_dtype"):
-                module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
-        return out
-
-    @contextmanager
-    def _random_stream(self) -> Iterator[None]:
-        if self.generator is None:
-            yield
-            return
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
+    def _view(self, images: torch.Tensor, pipe: _Pipeline) -> torch.Tensor:
+        cfg, gen, n = self.config, self.generator, len(images)
+        device = images.device
+        boxes = view_ops.sample_crop_boxes(n, images.shape[-2], images.shape[-1], pipe.scale,
+                                           CROP_RATIO, gen)
+        flip = torch.rand(n, generator=gen) < cfg.flip_p
+        jitter = torch.rand(n, generator=gen) < cfg.jitter_p
+        spans = torch.tensor([cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue])
+        factors = (torch.rand(n, 4, generator=gen) * 2 - 1) * spans
+        factors[:, :3] += 1.0  # brightness, contrast, saturation multiply; hue shifts
+        factors = torch.where(jitter.unsqueeze(1), factors, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        order = torch.randperm(4, generator=gen).tolist()
+        gray = torch.rand(n, generator=gen) < cfg.gray_p
+        sigma = torch.empty(n).uniform_(*BLUR_SIGMA, generator=gen)
+        sigma = torch.where(torch.rand(n, generator=gen) < pipe.blur_p, sigma, torch.zeros(()))
+        solarize = torch.rand(n, generator=gen) < pipe.solarize_p
+        params = torch.cat([boxes, flip[:, None], factors, gray[:, None], sigma[:, None],
+                            solarize[:, None]], dim=1).to(device, non_blocking=True)
+        x = view_ops.resized_crop(images, params[:, :4], params[:, 4] > 0, pipe.size)
+        if bool(jitter.any()):
+            for step in order:
+                if spans[step] > 0:
+                    x = _JITTER_STEPS[step](x, params[:, 5 + step].to(x.dtype))
+        if bool(gray.any()):
+            x = view_ops.grayscale_where(x, params[:, 9] > 0)
+        if bool((sigma > 0).any()):
+            x = view_ops.gaussian_blur(x, params[:, 10], _blur_kernel(pipe.size))
+        if bool(solarize.any()):
+            x = view_ops.solarize_where(x, params[:, 11] > 0, SOLARIZE_THRESHOLD)
+        return x
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -272,11 +259,8 @@ class ViewAugment(torch.nn.Module):
                 f"ViewAugment expects float images (N, 3, H, W) in 0..1; got {got}. "
                 "Convert uint8 arrays with edge_ssl.tensors.images_to_tensor."
             )
-        with self._random_stream():
-            views = [pipeline(images) for pipeline in self.global_views]
-            if self.local_view is not None:
-                views.extend(self.local_view(images) for _ in range(self.config.local_crops))
-        return [normalize(view, self.spec) for view in views]
+        images = images.float()
+        return [normalize(self._view(images, pipe), self.spec) for pipe in self.pipelines]
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -30,10 +30,6 @@ def _spec_from(batch: torch.Tensor) -> InputSpec:
     return InputSpec((3, batch.shape[2], batch.shape[3]), mean, std)
 
 
-def _kinds(augment: ViewAugment) -> set[str]:
-    return {type(module).__name__ for module in augment.modules()}
-
-
 @pytest.mark.parametrize("method", VIEW_PRESETS)
 def test_each_preset_gives_two_normalized_views_of_the_right_shape(method: str, digits: torch.Tensor) -> None:
     batch = digits[:4]
@@ -75,9 +71,7 @@ def test_real_cifar_views_are_roughly_standardized() -> None:
 
 
 def test_global_seed_reproduces_views_and_other_seeds_differ(digits: torch.Tensor) -> None:
-    augment = ViewAugment(view_preset("byol", 32), SPEC32).to(torch.float64)
-    samplers = [m for m in augment.modules() if hasattr(m, "set_rng_device_and_dtype")]
-    assert samplers and all(m.device.type == "cpu" and m.dtype == torch.float32 for m in samplers)
+    augment = ViewAugment(view_preset("byol", 32), SPEC32)
     torch.manual_seed(7)
     first = augment(digits[:4])
     torch.manual_seed(7)
@@ -121,18 +115,26 @@ def test_dino_local_crops_when_enabled(digits: torch.Tensor) -> None:
     assert [v.shape[-1] for v in views] == [96, 96, 32, 32, 32]
 
 
+def _high_frequency(views: torch.Tensor) -> float:
+    return float((views[..., 1:] - views[..., :-1]).abs().mean())
+
+
 def test_blur_is_off_for_small_images_and_follows_the_papers_for_large() -> None:
     for method in VIEW_PRESETS:
         config = view_preset(method, 32)
         assert config.blur_p == (0.0, 0.0) and config.crop_scale == (0.2, 1.0)
-        assert "RandomGaussianBlur" not in _kinds(ViewAugment(config, SPEC32))
     assert view_preset("byol", 224).blur_p == (1.0, 0.1)
     assert view_preset("byol", 224).solarize_p == (0.0, 0.2)
     assert view_preset("simclr", 224).blur_p == (0.5, 0.5)
     assert (view_preset("simclr", 224).brightness, view_preset("simclr", 32).brightness) == (0.8, 0.4)
-    large = ViewAugment(view_preset("byol", 224), SPEC32)
-    blur = [m for m in large.modules() if type(m).__name__ == "RandomGaussianBlur"]
-    assert len(blur) == 2  # the second view blurs with p=0.1, not 0
+    checkerboard = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float()
+    batch = checkerboard.expand(32, 3, 64, 64).contiguous()
+    spec = InputSpec((3, 64, 64), (0.5,) * 3, (0.5,) * 3)
+    plain = dict(crop_scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, flip_p=0.0, solarize_p=(0.0, 0.0))
+    torch.manual_seed(0)
+    first, second = ViewAugment(ViewConfig(64, blur_p=(1.0, 0.0), **plain), spec)(batch)
+    assert _high_frequency(first) < 0.5 * _high_frequency(second)
+    torch.testing.assert_close(second, (batch - 0.5) / 0.5, atol=1e-5, rtol=0)  # p=0: untouched
 
 
 @pytest.mark.parametrize(
