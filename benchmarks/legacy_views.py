@@ -10,46 +10,33 @@ from typing import Any
 
 import torch
 
-from edge_ssl.errors import ConfigError, DataError
 from edge_ssl.lazy import require
 from edge_ssl.spec import InputSpec
-from edge_ssl.tensors import normalize
-from edge_ssl.views import BLUR_SIGMA, CROP_RATIO, SOLARIZE_THRESHOLD, ViewConfig, _blur_kernel
+from edge_ssl.views import (
+    BLUR_SIGMA,
+    CROP_RATIO,
+    SOLARIZE_THRESHOLD,
+    ViewAugment,
+    ViewConfig,
+    _blur_kernel,
+)
 
 
-class KorniaViewAugment(torch.nn.Module):
-    """The old kornia views (same interface and ViewConfig as edge_ssl.views.ViewAugment).
+class KorniaViewAugment(ViewAugment):
+    """The old kornia views: ViewAugment's interface, config and checks, kornia's ops.
 
-    Input: float (N, 3, H, W) in 0..1 on any device (see ``edge_ssl.tensors.images_to_tensor``).
-    Output: two (N, 3, size, size) views, then ``local_crops`` (N, 3, local_size, local_size)
-    views, on the input's device. Every sample draws its own parameters. Random numbers come
-    from torch's CPU generator, so ``torch.manual_seed`` reproduces the views on CPU and GPU
-    alike; pass ``generator`` to draw from a private stream instead (the global state is then
-    left untouched).
+    Every sample draws its own parameters from torch's global CPU generator (or a stream
+    seeded from ``generator``); kornia draws one order of the jitter steps per batch.
     """
 
     def __init__(
         self, config: ViewConfig, spec: InputSpec, *, generator: torch.Generator | None = None
     ) -> None:
-        super().__init__()
-        if spec.shape[0] != 3:
-            raise ConfigError(f"ViewAugment needs a 3-channel InputSpec; got shape {spec.shape}.")
-        if generator is not None and generator.device.type != "cpu":
-            raise ConfigError(
-                f"ViewAugment draws its random numbers on the CPU; pass a CPU torch.Generator, "
-                f"got one on {generator.device}."
-            )
-        self.config = config
-        self.spec = spec
-        self.generator = generator
-        self.global_views = torch.nn.ModuleList(
-            self._pipeline(config.size, config.crop_scale, config.blur_p[i], config.solarize_p[i])
-            for i in range(2)
-        )
-        self.local_view: torch.nn.Module | None = None
-        if config.local_crops > 0:
-            local_blur = 0.5 if max(config.blur_p) > 0 else 0.0
-            self.local_view = self._pipeline(config.local_size, config.local_scale, local_blur, 0.0)
+        super().__init__(config, spec, generator=generator)
+        self.kornia_views = torch.nn.ModuleDict(
+            {str(i): self._pipeline(p.size, p.scale, p.blur_p, p.solarize_p)
+             for i, p in enumerate(dict.fromkeys(self.pipelines))})
+        self._index = {p: str(i) for i, p in enumerate(dict.fromkeys(self.pipelines))}
 
     def _pipeline(
         self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
@@ -107,23 +94,9 @@ class KorniaViewAugment(torch.nn.Module):
             torch.default_generator.manual_seed(seed)
             yield
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point() or (
-            images.ndim != 4 or images.shape[1] != 3
-        ):
-            got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
-                   else type(images).__name__)
-            raise DataError(
-                f"ViewAugment expects float images (N, 3, H, W) in 0..1; got {got}. "
-                "Convert uint8 arrays with edge_ssl.tensors.images_to_tensor."
-            )
-        with self._random_stream():
-            views = [pipeline(images) for pipeline in self.global_views]
-            if self.local_view is not None:
-                views.extend(self.local_view(images) for _ in range(self.config.local_crops))
-        return [normalize(view, self.spec) for view in views]
+    def _view(self, images: torch.Tensor, pipe: Any) -> torch.Tensor:
+        return self.kornia_views[self._index[pipe]](images)
 
-    def extra_repr(self) -> str:
-        cfg = self.config
-        return f"size={cfg.size}, local_crops={cfg.local_crops}, local_size={cfg.local_size}"
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with self._random_stream():
+            return super().forward(images)

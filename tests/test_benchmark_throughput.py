@@ -1,0 +1,47 @@
+"""benchmarks/pretrain_throughput.py runs its settings side by side and reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import PROJECT_ROOT
+
+pytest.importorskip("kornia", reason="the benchmark's old-default baseline uses kornia (pip install '.[dev]')")
+sys.path.append(str(PROJECT_ROOT / "benchmarks"))
+
+from legacy_views import KorniaViewAugment  # noqa: E402
+from pretrain_throughput import main  # noqa: E402
+
+from edge_ssl.models import create_encoder  # noqa: E402
+from edge_ssl.views import ViewAugment, view_preset  # noqa: E402
+
+
+def test_cpu_run_reports_every_setting_against_the_old_default(tmp_path):
+    out = tmp_path / "tp.json"
+    code = main(["--steps", "2", "--warmup", "1", "--batch-size", "8", "--width", "0.25",
+                 "--device", "cpu", "--json-out", str(out)])
+    report = json.loads(out.read_text())
+    # At batch 8 the two view implementations' losses may differ by more than the tolerance:
+    # the exit code says so, and only then.
+    assert code == (0 if all(row["loss_within_tolerance"] for row in report["rows"]) else 1)
+    assert [row["setting"] for row in report["rows"]] == ["old-default", "kornia-views", "new-default"]
+    assert report["rows"][0]["ratio_to_old-default"] == 1.0
+    assert all(row["images_per_second"] > 0 and row["mfu"] is None for row in report["rows"])
+    assert set(report["views_ms_per_batch"]) == {"kornia", "edge_ssl"}
+    assert report["flops_per_image"] > 0
+
+
+@pytest.mark.parametrize("preset, local_crops", [("simclr", 0), ("dino", 2)])
+def test_old_views_keep_the_interface_and_one_seed_repeats_them(preset, local_crops):
+    spec = create_encoder("resnet18_cifar", width=0.25).spec.input
+    config = view_preset(preset, 32, local_crops=local_crops)
+    images = torch.rand(6, 3, 32, 32)
+    old = [KorniaViewAugment(config, spec, generator=torch.Generator().manual_seed(1))(images)
+           for _ in range(2)]
+    new = ViewAugment(config, spec, generator=torch.Generator().manual_seed(1))(images)
+    assert [v.shape for v in old[0]] == [v.shape for v in new]
+    assert all(torch.equal(a, b) for a, b in zip(*old, strict=True))
