@@ -15,6 +15,9 @@ at the same batch (same measure: CUDA max allocated on GPU, the byte model on CP
 sec_per_step, trainable; bn_prior_tradeoff (AdaBN alone at --bn-priors) and
 gradient_steps_gain (the run minus AdaBN alone at its bn_prior). Targets: recovery_frac >= 0.5, clean_drop_pts <= 1,
 peak_mem_ratio <= 0.35. --quick: 500 + 500 test images, a 1,000-image bank, 10 steps.
+--swap-halves also adapts on the second half and scores the first (every score still on images
+the run never adapted on); each accuracy is then the mean over both folds, i.e. over twice the
+scored images, and ``folds`` holds each fold's summary.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bn-priors", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75],
                         help="also measure BN re-estimation alone at these priors (the trade-off "
                              "between recovery and clean accuracy); none to skip")
+    parser.add_argument("--swap-halves", action="store_true",
+                        help="also adapt on the second half and score on the first, then pool the "
+                             "accuracies of both (twice the scored images and the time)")
     return parser.parse_args(argv)
 
 
@@ -69,8 +75,34 @@ def load_split(data: Path, quick: bool) -> dict[str, np.ndarray]:
     bank_y = np.concatenate([b["y"] for b in banks]).astype(np.int64)
     if quick:
         bank_x, bank_y = bank_x[:1000], bank_y[:1000]
-    return {"adapt_x": x[:size], "eval_x": x[half : half + size], "eval_y": y[half : half + size],
-            "bank_x": bank_x, "bank_y": bank_y}
+    return {"adapt_x": x[:size], "adapt_y": y[:size], "eval_x": x[half : half + size],
+            "eval_y": y[half : half + size], "bank_x": bank_x, "bank_y": bank_y}
+
+
+def swap_halves(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same split with the adapt and eval halves exchanged."""
+    return {**split, "adapt_x": split["eval_x"], "adapt_y": split["eval_y"],
+            "eval_x": split["adapt_x"], "eval_y": split["adapt_y"]}
+
+
+_POOLED = ("clean", "shifted", "adapted", "clean_after", "sec_per_step", "adapt_seconds")
+
+
+def pool(folds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per corruption, each accuracy averaged over folds of equal size: the accuracy on their
+    union. Other fields come from the first fold; ``by_fold`` keeps each fold's accuracies."""
+    if len(folds) == 1:
+        return folds[0]
+    pooled = {}
+    for name, first in folds[0].items():
+        row = dict(first)
+        for key in _POOLED:
+            if first.get(key) is not None:
+                row[key] = float(np.mean([fold[name][key] for fold in folds]))
+        row["by_fold"] = [{k: fold[name][k] for k in ("clean", "shifted", "adapted", "clean_after")
+                           if k in fold[name]} for fold in folds]
+        pooled[name] = row
+    return pooled
 
 
 def knn(encoder, bank_emb, bank_y, images, labels, k, device) -> float:
@@ -119,8 +151,8 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     }
 
 
-def bn_prior_tradeoff(split, deployed, bank, args, clean: float) -> dict[str, dict[str, float]]:
-    """AdaBN alone at each prior: {prior: {recovery_frac, clean_drop_pts}} over all corruptions.
+def bn_prior_rows(split, deployed, bank, args, clean: float) -> dict[float, dict[str, dict]]:
+    """AdaBN alone at each prior: {prior: {corruption: {clean, shifted, adapted, clean_after}}}.
 
     No gradient steps, so this isolates what the statistics prior trades: the share of
     deployed (source) statistics kept, against recovery on the shifted images.
@@ -145,12 +177,18 @@ def bn_prior_tradeoff(split, deployed, bank, args, clean: float) -> dict[str, di
             with torch.no_grad():
                 reestimate_bn_stats(encoder, iterate_batches(adapt_x, 64, device, encoder.spec.input), prior=prior)
             by_prior[prior][name] = {
-                "shifted": shifted, "sec_per_step": None,
+                "clean": clean, "shifted": shifted, "sec_per_step": None,
                 "adapted": knn(encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
                 "clean_after": knn(encoder, *bank, split["eval_x"], split["eval_y"], args.knn_k, args.device)}
+    return by_prior
+
+
+def tradeoff_table(by_prior: dict[float, dict[str, dict]], clean: float,
+                   eval_images: int) -> dict[str, dict[str, float]]:
+    """{prior: {recovery_frac, recovery_frac_significant, clean_drop_pts, corruptions}}."""
     table: dict[str, dict[str, float]] = {}
     for prior, rows in by_prior.items():
-        stats = summarize(rows, clean, len(split["eval_x"]))
+        stats = summarize(rows, clean, eval_images)
         table[str(prior)] = {k: stats[k] for k in ("recovery_frac", "recovery_frac_significant", "clean_drop_pts")}
         print(f"bn-stats prior {prior}: {table[str(prior)]}", file=sys.stderr)
         table[str(prior)]["corruptions"] = {n: {"adapted": r["adapted"], "clean_after": r["clean_after"]}
@@ -204,26 +242,43 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(args.data, args.quick)
     deployed = load_encoder(args.bundle)
     bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
-    clean = knn(deployed, *bank, split["eval_x"], split["eval_y"], args.knn_k, args.device)
-    rows: dict[str, dict] = {}
+    parts = [split, swap_halves(split)] if args.swap_halves else [split]
+    folds, prior_folds, cleans = [], [], []
     with tempfile.TemporaryDirectory(prefix="adapt-bench-") as tmp:
-        for name in args.corruptions:
-            rows[name] = run_corruption(name, split, deployed, bank, args, config, Path(tmp))
-            print(f"{name}: clean {clean:.3f} shifted {rows[name]['shifted']:.3f} adapted "
-                  f"{rows[name]['adapted']:.3f} clean_after {rows[name]['clean_after']:.3f}",
-                  file=sys.stderr)
-    first = next(iter(rows.values()))
+        for fold, part in enumerate(parts):
+            workdir = Path(tmp) / f"fold{fold}"
+            workdir.mkdir()
+            clean = knn(deployed, *bank, part["eval_x"], part["eval_y"], args.knn_k, args.device)
+            rows: dict[str, dict] = {}
+            for name in args.corruptions:
+                rows[name] = {"clean": clean, **run_corruption(name, part, deployed, bank, args, config,
+                                                               workdir)}
+                print(f"fold {fold} {name}: clean {clean:.3f} shifted {rows[name]['shifted']:.3f} "
+                      f"adapted {rows[name]['adapted']:.3f} clean_after {rows[name]['clean_after']:.3f}",
+                      file=sys.stderr)
+            folds.append(rows)
+            cleans.append(clean)
+            if args.bn_priors:
+                prior_folds.append(bn_prior_rows(part, deployed, bank, args, clean))
+    clean = float(np.mean(cleans))
+    eval_images = len(split["eval_x"]) * len(parts)
+    rows = pool(folds)
+    first = folds[0][args.corruptions[0]]
     memory = memory_ratio(deployed, first["plan"], first["_images"], config)
     report = {
         "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "corruptions": {n: {"clean": clean, **{k: v for k, v in r.items() if k != "_images"}}
-                        for n, r in rows.items()},
-        **summarize(rows, clean, len(split["eval_x"])),
+        "corruptions": {n: {k: v for k, v in r.items() if k != "_images"} for n, r in rows.items()},
+        **summarize(rows, clean, eval_images),
+        "folds": ([summarize(f, c, len(split["eval_x"])) for f, c in zip(folds, cleans, strict=True)]
+                  if len(folds) > 1 else None),
         "peak_mem_ratio": memory["ratio"], "memory": memory,
-        "bn_prior_tradeoff": (bn_prior_tradeoff(split, deployed, bank, args, clean) if args.bn_priors else None),
+        "bn_prior_tradeoff": (tradeoff_table({prior: pool([f[prior] for f in prior_folds])
+                                              for prior in args.bn_priors}, clean, eval_images)
+                              if args.bn_priors else None),
         "trainable": first["plan"]["trainable"], "checkpointing": first["plan"]["checkpointing"],
         "settings": {"severity": args.severity, "quick": args.quick, "steps": steps,
-                     "adapt_images": len(split["adapt_x"]), "eval_images": len(split["eval_x"]),
+                     "adapt_images": len(split["adapt_x"]), "eval_images": eval_images,
+                     "swap_halves": args.swap_halves,
                      "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
                      "bank": "clean train images, embedded once by the deployed model",
                      "config": {k: v for k, v in vars(config).items()}},
