@@ -1,0 +1,44 @@
+"""benchmarks/adapt.py: swapping the halves and pooling the folds (no data or teacher needed)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+sys.path.append(str(PROJECT_ROOT / "benchmarks"))
+
+from adapt import pool, summarize, swap_halves  # noqa: E402
+
+
+def _row(clean, shifted, adapted, clean_after):
+    return {"clean": clean, "shifted": shifted, "adapted": adapted, "clean_after": clean_after,
+            "sec_per_step": 1.0, "plan": {"trainable": "lora"}}
+
+
+def test_swapped_split_adapts_on_the_scored_half_and_scores_the_adapted_one():
+    split = {"adapt_x": np.zeros(2), "adapt_y": np.array([0, 1]), "eval_x": np.ones(2),
+             "eval_y": np.array([2, 3]), "bank_x": np.full(3, 7), "bank_y": np.arange(3)}
+    swapped = swap_halves(split)
+    assert swapped["adapt_x"] is split["eval_x"] and swapped["eval_x"] is split["adapt_x"]
+    assert swapped["eval_y"] is split["adapt_y"] and swapped["bank_x"] is split["bank_x"]
+    assert swap_halves(swapped) == split
+
+
+def test_pooled_accuracies_are_the_accuracy_on_both_halves():
+    folds = [{"noise": _row(0.70, 0.40, 0.60, 0.69)}, {"noise": _row(0.72, 0.44, 0.66, 0.70)}]
+    pooled = pool(folds)["noise"]
+    assert pooled["clean"] == pytest.approx(0.71) and pooled["shifted"] == pytest.approx(0.42)
+    assert pooled["adapted"] == pytest.approx(0.63) and pooled["clean_after"] == pytest.approx(0.695)
+    assert pooled["plan"] == {"trainable": "lora"} and len(pooled["by_fold"]) == 2
+    assert pool(folds[:1]) is folds[0]
+
+
+def test_ratios_of_shifts_under_the_noise_floor_stay_out_of_the_significant_mean():
+    rows = {"noise": _row(0.70, 0.40, 0.55, 0.70), "brightness": _row(0.70, 0.69, 0.60, 0.70)}
+    stats = summarize(rows, 0.70, eval_images=1000)
+    assert stats["recovery_frac"] == pytest.approx((0.5 - 9.0) / 2)
+    assert stats["recovery_frac_significant"] == pytest.approx(0.5)
