@@ -86,42 +86,38 @@ class TimedSource:
 
 
 @contextlib.contextmanager
-def legacy_views(enabled: bool) -> Any:
-    """The kornia views of the old default (benchmarks/legacy_views.py; needs kornia)."""
-    import edge_ssl.views as views
-
-    if not enabled:
-        yield
-        return
-    from legacy_views import KorniaViewAugment
-
-    real = views.ViewAugment
-    views.ViewAugment = KorniaViewAugment
+def patched(module: Any, name: str, value: Any) -> Any:
+    """``module.name = value`` inside the block, restored after it."""
+    real = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        views.ViewAugment = real
+        setattr(module, name, real)
 
 
-@contextlib.contextmanager
+def legacy_views(enabled: bool) -> Any:
+    """The kornia views of the old default (benchmarks/legacy_views.py; needs kornia)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from legacy_views import KorniaViewAugment
+
+    import edge_ssl.views as views
+
+    return patched(views, "ViewAugment", KorniaViewAugment)
+
+
 def legacy_lars(enabled: bool) -> Any:
     """The per-tensor LARS loop of the old default."""
+    if not enabled:
+        return contextlib.nullcontext()
     import edge_ssl.optim as optim
 
-    if not enabled:
-        yield
-        return
-    real = optim.LARS
-
-    class PerTensorLARS(real):  # type: ignore[misc, valid-type]
+    class PerTensorLARS(optim.LARS):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs, foreach=False)
 
-    optim.LARS = PerTensorLARS
-    try:
-        yield
-    finally:
-        optim.LARS = real
+    return patched(optim, "LARS", PerTensorLARS)
 
 
 def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict[str, Any]:
