@@ -225,8 +225,10 @@ class ViewAugment(torch.nn.Module):
         flip = torch.rand(n, generator=gen) < cfg.flip_p
         jitter = torch.rand(n, generator=gen) < cfg.jitter_p
         spans = torch.tensor([cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue])
-        factors = (torch.rand(n, 4, generator=gen) * 2 - 1) * spans
-        factors[:, :3] += 1.0  # brightness, contrast, saturation multiply; hue shifts
+        # torchvision's ranges: factors in [max(0, 1 - s), 1 + s] multiply; hue in [-h, h] shifts.
+        low = torch.cat([(1 - spans[:3]).clamp(min=0), -spans[3:]])
+        high = torch.cat([1 + spans[:3], spans[3:]])
+        factors = low + torch.rand(n, 4, generator=gen) * (high - low)
         factors = torch.where(jitter.unsqueeze(1), factors, torch.tensor([1.0, 1.0, 1.0, 0.0]))
         order = torch.randperm(4, generator=gen).tolist()
         gray = torch.rand(n, generator=gen) < cfg.gray_p

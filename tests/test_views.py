@@ -102,6 +102,18 @@ def test_samples_get_different_augmentations(digits: torch.Tensor) -> None:
     assert not torch.equal(view[0], view[1])
 
 
+def test_strong_colour_jitter_keeps_torchvisions_factor_range() -> None:
+    # brightness 3 draws factors in [0, 4] (torchvision clips 1 - 3 at 0), never a negative
+    # factor that would turn a whole view black.
+    config = ViewConfig(size=8, crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=1.0, brightness=3.0,
+                        contrast=0.0, saturation=0.0, hue=0.0, gray_p=0.0, blur_p=(0.0, 0.0),
+                        solarize_p=(0.0, 0.0))
+    spec = InputSpec((3, 8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    views = ViewAugment(config, spec, generator=torch.Generator().manual_seed(0))(torch.full((256, 3, 8, 8), 0.2))
+    levels = torch.cat(views).mean(dim=(1, 2, 3))
+    assert levels.min() > 0.0 and levels.max() > 0.6  # 0.2 x factor, up to 0.8
+
+
 def test_dino_local_crops_when_enabled(digits: torch.Tensor) -> None:
     config = view_preset("dino", 32, local_crops=2)
     assert config.local_size == round(32 * 96 / 224)
