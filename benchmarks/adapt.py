@@ -85,7 +85,8 @@ def swap_halves(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "eval_x": split["adapt_x"], "eval_y": split["adapt_y"]}
 
 
-_POOLED = ("clean", "shifted", "adapted", "clean_after", "sec_per_step", "adapt_seconds")
+_ACCURACIES = ("clean", "shifted", "adapted", "clean_after")
+_POOLED = (*_ACCURACIES, "sec_per_step", "adapt_seconds")
 
 
 def pool(folds: list[dict[str, dict]]) -> dict[str, dict]:
@@ -99,8 +100,7 @@ def pool(folds: list[dict[str, dict]]) -> dict[str, dict]:
         for key in _POOLED:
             if first.get(key) is not None:
                 row[key] = float(np.mean([fold[name][key] for fold in folds]))
-        row["by_fold"] = [{k: fold[name][k] for k in ("clean", "shifted", "adapted", "clean_after")
-                           if k in fold[name]} for fold in folds]
+        row["by_fold"] = [{k: fold[name][k] for k in _ACCURACIES if k in fold[name]} for fold in folds]
         pooled[name] = row
     return pooled
 

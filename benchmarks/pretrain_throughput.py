@@ -11,7 +11,8 @@ channels_last, per-tensor LARS, kornia views from benchmarks/legacy_views.py);
 the ratio to old-default, and the model FLOPs utilization (MFU = images/s x FLOPs per
 image / the GPU's bf16 dense peak from PEAK_TFLOPS below, labelled; FLOPs per image of one
 training step, 2 views x forward + backward, counted with torch.utils.flop_counter).
-``views_ms_per_batch`` times the two view implementations alone on one batch.
+``views_ms_per_batch`` times the two view implementations alone on one batch (kornia:
+null when it is not installed; the settings that need it are then refused before any work).
 The loss curves of every setting are compared with old-default's over the same steps.
 Numbers are never compared across machines; only the ratios inside one JSON mean anything.
 """
@@ -190,10 +191,10 @@ def flops_per_image(args: argparse.Namespace) -> float:
     return counter.get_total_flops() / batch
 
 
-def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20) -> dict[str, float]:
-    """Milliseconds per call of the method's views on one batch: kornia (old) vs edge_ssl.views."""
+def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20) -> dict[str, float | None]:
+    """Milliseconds per call of the method's views on one batch: kornia (old, None when kornia
+    is not installed) vs edge_ssl.views."""
     import torch
-    from legacy_views import KorniaViewAugment
 
     from edge_ssl.methods import create_method
     from edge_ssl.models import create_encoder
@@ -203,8 +204,13 @@ def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20)
     spec = method.encoder.spec.input
     config = view_preset(method.view_preset, spec.image_size, local_crops=method.num_local_views)
     images = torch.rand(args.batch_size, 3, *spec.shape[1:], device=device)
-    timings = {}
-    for name, kind in (("kornia", KorniaViewAugment), ("edge_ssl", ViewAugment)):
+    kinds: dict[str, Any] = {"edge_ssl": ViewAugment}
+    if has_kornia():
+        from legacy_views import KorniaViewAugment
+
+        kinds["kornia"] = KorniaViewAugment
+    timings: dict[str, float | None] = {"kornia": None}
+    for name, kind in kinds.items():
         augment = kind(config, spec).to(device)
         for _ in range(3):
             augment(images)
@@ -217,6 +223,12 @@ def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20)
             torch.cuda.synchronize(device)
         timings[name] = round(1000 * (time.perf_counter() - started) / repeats, 3)
     return timings
+
+
+def has_kornia() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("kornia") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     default = list(SETTINGS) if device.type == "cuda" else ["old-default", "kornia-views", "new-default"]
     names = args.settings.split(",") if args.settings else default
+    unknown = [name for name in names if name not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    legacy = [name for name in names if SETTINGS[name].get("legacy_views")]
+    if legacy and not has_kornia():
+        parser.error(f"{', '.join(legacy)} use the old kornia views: pip install kornia (it is in the "
+                     "[dev] extra), or leave them out of --settings")
     warmup = max(args.warmup, args.compile_warmup) if set(names) & {"+compile", "+cuda-graphs"} else args.warmup
     most = (warmup + args.steps) * args.batch_size
     images = np.random.default_rng(0).integers(0, 256, (most, 32, 32, 3), dtype=np.uint8)
@@ -259,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for name in names:
             runs[name].append(measure(name, args, data, str(device)))
+            print(f"{name}: {runs[name][-1]['images_per_second']:.1f} images/s", file=sys.stderr)
     results = {
         name: {
             "images_per_second": statistics.median(r["images_per_second"] for r in found),

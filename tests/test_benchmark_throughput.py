@@ -45,3 +45,17 @@ def test_old_views_keep_the_interface_and_one_seed_repeats_them(preset, local_cr
     new = ViewAugment(config, spec, generator=torch.Generator().manual_seed(1))(images)
     assert [v.shape for v in old[0]] == [v.shape for v in new]
     assert all(torch.equal(a, b) for a, b in zip(*old, strict=True))
+
+
+def test_without_kornia_old_settings_are_refused_up_front_and_the_rest_runs(tmp_path, monkeypatch, capsys):
+    import pretrain_throughput
+
+    monkeypatch.setattr(pretrain_throughput, "has_kornia", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--steps", "2", "--device", "cpu"])
+    assert stopped.value.code == 2 and "pip install kornia" in capsys.readouterr().err
+    out = tmp_path / "tp.json"
+    main(["--steps", "2", "--warmup", "1", "--batch-size", "8", "--width", "0.25", "--device", "cpu",
+          "--settings", "new-default", "--json-out", str(out)])
+    timings = json.loads(out.read_text())["views_ms_per_batch"]
+    assert timings["kornia"] is None and timings["edge_ssl"] > 0
