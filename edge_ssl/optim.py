@@ -43,7 +43,8 @@ class LARS(torch.optim.Optimizer):
     decay adaptation nor the trust ratio, as in the papers.
 
     ``foreach=True`` (the default) updates a whole group with a handful of
-    ``torch._foreach_*`` kernels instead of ~8 launches per tensor; the math is the same
+    ``torch._foreach_*`` ops (the trust ratios of all tensors in one vector) instead of
+    ~8 launches per tensor; the math is the same
     (``foreach=False`` is the per-tensor reference). Not ``timm.optim.Lars``: it loops over
     tensors in Python (launch-bound on a GPU) and always adapts or never, where the SSL
     papers exclude biases and norms by parameter group.
@@ -99,10 +100,10 @@ class LARS(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if not group["lars_exclude"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            param_norms = torch._foreach_norm(params)
-            grad_norms = torch._foreach_norm(grads)
-            trust = [_trust_ratio(pn, gn, group["eta"]) for pn, gn in zip(param_norms, grad_norms, strict=True)]
-            torch._foreach_mul_(grads, trust)
+            # All trust ratios at once: a fixed number of kernels, however many tensors.
+            trust = _trust_ratio(torch.stack(torch._foreach_norm(params)),
+                                 torch.stack(torch._foreach_norm(grads)), group["eta"])
+            torch._foreach_mul_(grads, trust.unbind())
         fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
         old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
         for i in fresh:

@@ -110,3 +110,30 @@ def test_cuda_runs_get_fused_steps_with_the_same_update(name):
             opt.step()
         updates.append(param.detach())
     torch.testing.assert_close(updates[0], updates[1])
+
+
+def _ops_per_lars_step(num_tensors: int, foreach: bool) -> int:
+    """Aten ops one LARS step dispatches (after the first step made the momentum buffers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(num_tensors)]
+    opt = LARS([{"params": params}], lr=0.1, foreach=foreach)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with Count():
+        opt.step()
+    return Count.ops
+
+
+def test_lars_foreach_step_dispatches_the_same_ops_for_any_number_of_tensors():
+    """On a GPU each op is a kernel launch: the fast path must not grow with the model's depth."""
+    assert _ops_per_lars_step(3, foreach=True) == _ops_per_lars_step(30, foreach=True)
+    assert _ops_per_lars_step(30, foreach=False) > _ops_per_lars_step(3, foreach=False)
