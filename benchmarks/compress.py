@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="training device (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--skip-inc", action="store_true", help="do not run the neural-compressor comparison")
+    parser.add_argument("--distill-cache-views", type=int, default=None, metavar="N",
+                        help="fixed views per image the distillation caches (default: 2; pruning's "
+                             "recovery keeps 2)")
     return parser.parse_args(argv)
 
 
@@ -196,6 +199,9 @@ def inc_comparison(pruned: Any, images: Any, ort_row: dict[str, Any], knn: Any, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.distill_cache_views is not None and args.distill_cache_views < 1:
+        raise SystemExit(f"--distill-cache-views must be >= 1; got {args.distill_cache_views}")
+    settings = {**settings, "distill_cache_views": args.distill_cache_views or settings["cache_views"]}
     import torch
     from edge_ssl.compress.distill import DistillConfig, distill
     from edge_ssl.compress.inc import inc_available
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     distilled = distill(teacher, DistillConfig(
         student="resnet18_cifar", student_kwargs=student_kwargs, objectives=("feature", "seed"),
-        epochs=settings["epochs"], batch_size=settings["batch_size"], cache_views=settings["cache_views"],
+        epochs=settings["epochs"], batch_size=settings["batch_size"], cache_views=settings["distill_cache_views"],
         warmup_epochs=min(1.0, settings["epochs"] / 5), device=args.device, init=settings["init"],
     ), unlabeled, workdir / "1-distill.edge", overwrite=True)
     timings["distill_s"] = time.perf_counter() - t0
