@@ -8,20 +8,22 @@
 # Run from the repository root with edge-ssl installed (`pip install -e '.[dev]'`: the
 # benchmark's baseline rows need kornia). Writes OUTDIR/gpu_tests.log,
 # OUTDIR/pretrain_throughput.json and OUTDIR/pretrain_throughput.log; exits non-zero when
-# either step failed. Name the GPU beside every number you quote from it.
+# either step failed. Name the GPU beside every number you quote from it. PYTHON picks the
+# interpreter (default: python3).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUTDIR}
+py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 - <<'EOF' || exit 2
+"$py" - <<'EOF' || exit 2
 import torch
 if not torch.cuda.is_available():
     raise SystemExit("gpu_checks: torch.cuda.is_available() is False here; nothing to check.")
 print(f"gpu_checks: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 EOF
-python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+"$py" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-python3 benchmarks/pretrain_throughput.py --batch-size 512 --width 1.0 --device cuda \
+"$py" benchmarks/pretrain_throughput.py --batch-size 512 --width 1.0 --device cuda \
     --json-out "$out/pretrain_throughput.json" 2>&1 | tee "$out/pretrain_throughput.log"
 bench=${PIPESTATUS[0]}
 echo "gpu_checks: gpu tests exit $tests, throughput benchmark exit $bench"

@@ -33,10 +33,9 @@ class KorniaViewAugment(ViewAugment):
         self, config: ViewConfig, spec: InputSpec, *, generator: torch.Generator | None = None
     ) -> None:
         super().__init__(config, spec, generator=generator)
-        self.kornia_views = torch.nn.ModuleDict(
-            {str(i): self._pipeline(p.size, p.scale, p.blur_p, p.solarize_p)
-             for i, p in enumerate(dict.fromkeys(self.pipelines))})
         self._index = {p: str(i) for i, p in enumerate(dict.fromkeys(self.pipelines))}
+        self.kornia_views = torch.nn.ModuleDict(
+            {key: self._pipeline(p.size, p.scale, p.blur_p, p.solarize_p) for p, key in self._index.items()})
 
     def _pipeline(
         self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
