@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run: the `gpu`-marked tests, then the
 # pretraining throughput benchmark (resnet18_cifar width 1.0, batch 512; old default,
-# old kornia views, new default, +compile, +cuda-graphs side by side).
+# old kornia views, new default, +compile, +cuda-graphs side by side), then a profile of
+# the new default and +cuda-graphs (top GPU ops, how busy the GPU was).
 #
 #   benchmarks/gpu_checks.sh OUTDIR
 #
 # Run from the repository root with edge-ssl installed (`pip install -e '.[dev]'`: the
 # benchmark's baseline rows need kornia). Writes OUTDIR/gpu_tests.log,
-# OUTDIR/pretrain_throughput.json and OUTDIR/pretrain_throughput.log; exits non-zero when
-# either step failed. Name the GPU beside every number you quote from it. PYTHON picks the
+# OUTDIR/pretrain_throughput.{json,log} and OUTDIR/pretrain_profile.{json,log}; exits
+# non-zero when any step failed. Name the GPU beside every number you quote from it. PYTHON picks the
 # interpreter (default: python3).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUTDIR}
@@ -26,5 +27,10 @@ tests=${PIPESTATUS[0]}
 "$py" benchmarks/pretrain_throughput.py --batch-size 512 --width 1.0 --device cuda \
     --json-out "$out/pretrain_throughput.json" 2>&1 | tee "$out/pretrain_throughput.log"
 bench=${PIPESTATUS[0]}
-echo "gpu_checks: gpu tests exit $tests, throughput benchmark exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+# Where the step time goes (a separate, short run: the JSON above is already written).
+"$py" benchmarks/pretrain_throughput.py --batch-size 512 --width 1.0 --device cuda --steps 20 \
+    --settings new-default --profile new-default,+cuda-graphs \
+    --json-out "$out/pretrain_profile.json" 2>&1 | tee "$out/pretrain_profile.log"
+profile=${PIPESTATUS[0]}
+echo "gpu_checks: gpu tests exit $tests, throughput benchmark exit $bench, profile exit $profile"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$profile" -eq 0 ]

@@ -121,20 +121,38 @@ def legacy_lars(enabled: bool) -> Any:
     return patched(optim, "LARS", PerTensorLARS)
 
 
-def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict[str, Any]:
-    """Images/s after warm-up and the read-out losses of one setting (all settings: same steps)."""
+def warmup_steps(name: str, args: argparse.Namespace) -> int:
+    compiled = SETTINGS[name].get("compile") or SETTINGS[name].get("cuda_graphs")
+    return args.compile_warmup if compiled else args.warmup
+
+
+@contextlib.contextmanager
+def old_parts(name: str) -> Any:
+    """The old LARS and views, where the setting asks for them."""
+    with legacy_lars(SETTINGS[name].get("legacy_lars", False)), \
+            legacy_views(SETTINGS[name].get("legacy_views", False)):
+        yield
+
+
+def setting_config(name: str, args: argparse.Namespace, device: str, steps: int) -> Any:
+    """The PretrainConfig of ``steps`` steps of one setting."""
+    import edge_ssl.pretrain as pretrain_module
+
+    knobs = {k: v for k, v in SETTINGS[name].items() if k not in ("legacy_lars", "legacy_views")}
+    return pretrain_module.PretrainConfig(
+        method=args.method, arch=args.arch, arch_kwargs={"width": args.width}, epochs=1,
+        batch_size=args.batch_size, steps_per_epoch=steps, warmup_epochs=0.0, amp=args.amp,
+        device=device, **knobs,
+    )
+
+
+def measure(name: str, args: argparse.Namespace, data: Any, device: str, total: int) -> dict[str, Any]:
+    """Images/s after warm-up and the read-out losses of one setting over ``total`` steps
+    (the same steps for every setting)."""
     import edge_ssl.pretrain as pretrain_module
     from edge_ssl.batches import InMemoryBatches
 
-    knobs = dict(SETTINGS[name])
-    legacy = knobs.pop("legacy_lars", False)
-    old_views = knobs.pop("legacy_views", False)
-    warmup = args.compile_warmup if knobs.get("compile") or knobs.get("cuda_graphs") else args.warmup
-    total = len(data) // args.batch_size
-    config = pretrain_module.PretrainConfig(
-        method=args.method, arch=args.arch, arch_kwargs={"width": args.width}, epochs=1,
-        batch_size=args.batch_size, warmup_epochs=0.0, amp=args.amp, device=device, **knobs,
-    )
+    config, warmup = setting_config(name, args, device, total), warmup_steps(name, args)
     source = TimedSource(InMemoryBatches(data), warmup)
     events: list[Any] = []
     stamps: dict[int, float] = {}
@@ -147,7 +165,7 @@ def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict
 
     pretrain_module._read_loss = stamped
     try:
-        with legacy_lars(legacy), legacy_views(old_views), tempfile.TemporaryDirectory() as tmp:
+        with old_parts(name), tempfile.TemporaryDirectory() as tmp:
             pretrain_module.pretrain(config, source, Path(tmp) / "t.edge", progress=events.append)
     finally:
         pretrain_module._read_loss = real
@@ -155,6 +173,65 @@ def measure(name: str, args: argparse.Namespace, data: Any, device: str) -> dict
         "images_per_second": (total - warmup) * args.batch_size / (stamps[total] - source.start),
         "losses": [(e.step, e.loss) for e in events],
     }
+
+
+def profile_setting(name: str, args: argparse.Namespace, data: Any, device: Any, active: int = 10) -> dict[str, Any]:
+    """Where one setting's step time goes: torch.profiler over ``active`` steps after warm-up.
+
+    ``device_busy_frac`` is the share of the profiled window in which a GPU kernel ran (the
+    union of kernel intervals over first start to last end; below ~0.9 the step waits on the
+    host: launches, syncs, Python). ``top_ops``: the ops with the most self time (device time
+    on a GPU, CPU time otherwise) per step, with their share of the total.
+    """
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, schedule
+
+    import edge_ssl.pretrain as pretrain_module
+    from edge_ssl.batches import InMemoryBatches
+
+    warmup = warmup_steps(name, args)
+    config = setting_config(name, args, str(device), warmup + 2 + active)
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    profiler = torch.profiler.profile(
+        activities=activities, schedule=schedule(wait=warmup, warmup=2, active=active, repeat=1)
+    )
+    real = pretrain_module._train_step
+
+    def stepped(*a: Any) -> Any:
+        out = real(*a)
+        profiler.step()
+        return out
+
+    with patched(pretrain_module, "_train_step", stepped), old_parts(name), \
+            tempfile.TemporaryDirectory() as tmp, profiler:
+        pretrain_module.pretrain(config, InMemoryBatches(data), Path(tmp) / "p.edge")
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    ops = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in ops) or 1.0
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
+                     if e.device_type == DeviceType.CUDA)
+    return {
+        "steps": active,
+        "device_busy_frac": round(_covered(kernels) / (kernels[-1][1] - kernels[0][0]), 3) if kernels else None,
+        "time": "GPU self time" if gpu else "CPU self time",
+        "top_ops": [
+            {"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / active, 3),
+             "share": round(getattr(e, key) / total, 3)}
+            for e in ops[:15]
+        ],
+    }
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of sorted (start, end) intervals."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
 
 
 def window_means(per_step: dict[int, float], windows: list[tuple[int, float]]) -> list[tuple[float, float]]:
@@ -245,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--settings", default=None, help="comma list; default: all on CUDA, old/new on CPU")
     parser.add_argument("--loss-rtol", type=float, default=0.03, help="loss-curve tolerance vs old-default")
+    parser.add_argument("--profile", default="", help="comma list of settings to profile afterwards "
+                        "(torch.profiler, 10 steps each): top ops and how busy the GPU was")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -258,15 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     default = list(SETTINGS) if device.type == "cuda" else ["old-default", "kornia-views", "new-default"]
     names = args.settings.split(",") if args.settings else default
-    unknown = [name for name in names if name not in SETTINGS]
+    profiled = [name for name in args.profile.split(",") if name]
+    unknown = [name for name in names + profiled if name not in SETTINGS]
     if unknown:
-        parser.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
-    legacy = [name for name in names if SETTINGS[name].get("legacy_views")]
+        parser.error(f"unknown setting in --settings or --profile: {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    legacy = [name for name in names + profiled if SETTINGS[name].get("legacy_views")]
     if legacy and not has_kornia():
         parser.error(f"{', '.join(legacy)} use the old kornia views: pip install kornia (it is in the "
                      "[dev] extra), or leave them out of --settings")
-    warmup = max(args.warmup, args.compile_warmup) if set(names) & {"+compile", "+cuda-graphs"} else args.warmup
-    most = (warmup + args.steps) * args.batch_size
+    warmup = max(args.warmup, args.compile_warmup) if set(names + profiled) & {"+compile", "+cuda-graphs"} \
+        else args.warmup
+    most = (warmup + max(args.steps, 12)) * args.batch_size  # 12: profile_setting's 2 + 10 steps
     images = np.random.default_rng(0).integers(0, 256, (most, 32, 32, 3), dtype=np.uint8)
     data = ImageDataset(images=images, labels=None, class_names=None, source="random")
 
@@ -277,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
-            runs[name].append(measure(name, args, data, str(device)))
+            runs[name].append(measure(name, args, data, str(device), warmup + args.steps))
             print(f"{name}: {runs[name][-1]['images_per_second']:.1f} images/s", file=sys.stderr)
     results = {
         name: {
@@ -318,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "views_ms_per_batch": views_milliseconds(args, device),
         "loss_rtol": args.loss_rtol,
         "rows": rows,
+        "profile": {name: profile_setting(name, args, data, device) for name in profiled},
         "environment": describe_environment(),
         "command": " ".join(["python", "benchmarks/pretrain_throughput.py", *(argv or sys.argv[1:])]),
     }

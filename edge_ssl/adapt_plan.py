@@ -86,7 +86,7 @@ def measure_configuration(
     method = build_method(work, config).to(device)
     method.train()
     work.eval()
-    views = ViewAugment(view_preset(config.method, work.spec.input.image_size), work.spec.input)
+    views = ViewAugment(view_preset(config.method, work.spec.input.image_size), work.spec.input).to(device)
     blocks = backward_blocks(getattr(work, "backbone", work))
     if checkpointing:
         enable_checkpointing(blocks)

@@ -100,7 +100,7 @@ class AdaptRun:
         self.batch = batch
         self.method = build_method(self.encoder, self.config).to(self.device)
         self.views = ViewAugment(view_preset(self.config.method, self.encoder.spec.input.image_size),
-                                 self.encoder.spec.input)
+                                 self.encoder.spec.input).to(self.device)
         self.blocks = backward_blocks(self.encoder.backbone) if checkpointing else []
         enable_checkpointing(self.blocks)
         params = [p for p in self.method.parameters() if p.requires_grad]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -338,7 +339,8 @@ def _train_step(run: _Run, batch: Any, global_step: int) -> Any:
     views = run.views(batch)
     if run.device.type == "cuda" and config.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with torch.autocast(run.device.type, dtype=run.autocast or torch.float32, enabled=run.autocast is not None):
+    mixed = contextlib.nullcontext() if run.autocast is None else torch.autocast(run.device.type, run.autocast)
+    with mixed:
         loss, _logs = run.model(views)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()

@@ -21,8 +21,23 @@ def images_to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> 
         raise DataError(
             f"expected uint8 images shaped (N, H, W, 3); got {images.dtype} {tuple(images.shape)}."
         )
-    batch = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    batch = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """``tensor.to(device)`` without making the host wait for the GPU.
+
+    A copy from pageable host memory to a GPU waits for every kernel already queued on the
+    stream; staged in pinned memory and copied with ``non_blocking``, it does not (torch's
+    caching host allocator keeps the pinned buffer alive until the copy is done).
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def normalize(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:

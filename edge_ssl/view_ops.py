@@ -123,7 +123,8 @@ def _rgb_to_hsv(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     # f(k) = v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6 for n = 5, 3, 1 (R, G, B).
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue.dtype, device=hue.device).view(1, 3, 1, 1)
+    # n = 5, 3, 1 made on the device (torch.tensor(..., device=cuda) would wait for the GPU).
+    n = torch.arange(5.0, 0.0, -2.0, dtype=hue.dtype, device=hue.device).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * hue, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return value - value * saturation * ramp

@@ -12,7 +12,7 @@ from edge_ssl import view_ops
 from edge_ssl.errors import ConfigError, DataError
 from edge_ssl.registry import did_you_mean
 from edge_ssl.spec import InputSpec
-from edge_ssl.tensors import normalize
+from edge_ssl.tensors import to_device
 
 #: Up to this image size the CIFAR recipes apply: no Gaussian blur (it wipes out 32px
 #: images), crop scale (0.2, 1.0), SimCLR colour strength s = 0.5.
@@ -193,7 +193,9 @@ class ViewAugment(torch.nn.Module):
     CPU generator, so ``torch.manual_seed`` reproduces the views on CPU and GPU alike; pass
     ``generator`` to draw from a private stream instead (the global state is then left
     untouched). Each view is a fixed handful of batched kernels (``edge_ssl.view_ops``),
-    whatever the batch size.
+    whatever the batch size, and nothing waits for the GPU: the per-sample parameters go
+    over in one pinned, non-blocking copy (move the module with ``.to(device)`` so the
+    normalization constants live there too).
     """
 
     def __init__(
@@ -216,6 +218,10 @@ class ViewAugment(torch.nn.Module):
             local_blur = 0.5 if max(config.blur_p) > 0 else 0.0
             local = _Pipeline(config.local_size, config.local_scale, local_blur, 0.0)
             self.pipelines += [local] * config.local_crops
+        # Normalization constants as buffers: ``.to(device)`` moves them once, instead of a
+        # host copy (which waits for the GPU) in every call.
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
 
     def _view(self, images: torch.Tensor, pipe: _Pipeline) -> torch.Tensor:
         cfg, gen, n = self.config, self.generator, len(images)
@@ -235,8 +241,8 @@ class ViewAugment(torch.nn.Module):
         sigma = torch.empty(n).uniform_(*BLUR_SIGMA, generator=gen)
         sigma = torch.where(torch.rand(n, generator=gen) < pipe.blur_p, sigma, torch.zeros(()))
         solarize = torch.rand(n, generator=gen) < pipe.solarize_p
-        params = torch.cat([boxes, flip[:, None], factors, gray[:, None], sigma[:, None],
-                            solarize[:, None]], dim=1).to(device, non_blocking=True)
+        params = to_device(torch.cat([boxes, flip[:, None], factors, gray[:, None], sigma[:, None],
+                                      solarize[:, None]], dim=1), device)
         x = view_ops.resized_crop(images, params[:, :4], params[:, 4] > 0, pipe.size)
         if bool(jitter.any()):
             for step in order:
@@ -262,7 +268,8 @@ class ViewAugment(torch.nn.Module):
                 "Convert uint8 arrays with edge_ssl.tensors.images_to_tensor."
             )
         images = images.float()
-        return [normalize(self._view(images, pipe), self.spec) for pipe in self.pipelines]
+        mean, std = self.mean.to(images.device), self.std.to(images.device)  # no-ops once moved
+        return [(self._view(images, pipe) - mean) / std for pipe in self.pipelines]
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -59,3 +59,25 @@ def test_without_kornia_old_settings_are_refused_up_front_and_the_rest_runs(tmp_
           "--settings", "new-default", "--json-out", str(out)])
     timings = json.loads(out.read_text())["views_ms_per_batch"]
     assert timings["kornia"] is None and timings["edge_ssl"] > 0
+
+
+def test_profile_reports_where_a_settings_step_time_goes(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    main(["--steps", "2", "--warmup", "1", "--batch-size", "8", "--width", "0.25", "--device", "cpu",
+          "--settings", "new-default", "--profile", "new-default", "--json-out", str(out)])
+    profile = json.loads(out.read_text())["profile"]["new-default"]
+    assert profile["steps"] == 10 and profile["time"] == "CPU self time"
+    assert profile["device_busy_frac"] is None  # no GPU kernels on a CPU
+    ops = [row["op"] for row in profile["top_ops"]]
+    assert "aten::convolution_backward" in ops
+    assert sum(row["share"] for row in profile["top_ops"]) <= 1.0
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--profile", "+nothing"])
+    assert "unknown setting in --settings or --profile: +nothing" in capsys.readouterr().err
+
+
+def test_device_busy_time_is_the_union_of_kernel_intervals():
+    from pretrain_throughput import _covered
+
+    assert _covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.8)]) == 4.0
+    assert _covered([]) == 0.0

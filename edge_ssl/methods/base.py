@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -151,12 +152,15 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 # Small tensor helpers
 
 
-def full_precision(tensor: torch.Tensor) -> torch.autocast:
+def full_precision(tensor: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     """A context that turns autocast off on ``tensor``'s device, for loss arithmetic.
 
     Under autocast, matmuls run in half precision even on float32 inputs; the
     cross-correlation, covariance and similarity matrices of the losses need float32.
+    Devices without autocast (meta, for one) get a context that does nothing.
     """
+    if not torch.amp.is_autocast_available(tensor.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 

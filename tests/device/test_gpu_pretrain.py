@@ -77,3 +77,30 @@ def test_fast_paths_learn_the_same_as_the_plain_loop(tmp_path, knobs):
     reference = pretrain(PretrainConfig(**base), _data(256), tmp_path / "a.edge")
     other = pretrain(PretrainConfig(**(base | knobs)), _data(256), tmp_path / "b.edge")
     assert other.history[0]["loss"] == pytest.approx(reference.history[0]["loss"], rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "dino"])
+def test_training_step_never_syncs_with_the_host(tmp_path, monkeypatch, method):
+    """CUDA's own check (torch.cuda.set_sync_debug_mode) around every step after the first
+    (the first creates cuBLAS/cuDNN handles); the CPU version is tests/test_host_syncs.py."""
+    import edge_ssl.pretrain as pretrain_module
+
+    real, calls = pretrain_module._train_step, []
+
+    def checked(run, batch, step):
+        calls.append(step)
+        if len(calls) == 1:
+            return real(run, batch, step)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(run, batch, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(pretrain_module, "_train_step", checked)
+    # fp16 loss scaling reads its inf check back by design (torch's GradScaler): bf16 or fp32 here.
+    amp = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "off"
+    config = PretrainConfig(method=method, arch_kwargs={"width": 0.25}, epochs=1, batch_size=16,
+                            steps_per_epoch=4, warmup_epochs=0.0, device="cuda", amp=amp, log_every=4)
+    result = pretrain(config, _data(), tmp_path / "s.edge")
+    assert len(calls) == 4 and np.isfinite(result.final_loss)
