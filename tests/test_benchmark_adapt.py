@@ -42,3 +42,14 @@ def test_ratios_of_shifts_under_the_noise_floor_stay_out_of_the_significant_mean
     stats = summarize(rows, 0.70, eval_images=1000)
     assert stats["recovery_frac"] == pytest.approx((0.5 - 9.0) / 2)
     assert stats["recovery_frac_significant"] == pytest.approx(0.5)
+
+
+def test_default_corruptions_are_the_contracts_five_and_cifar10c_names_the_twelve():
+    from adapt import parse_args
+
+    from edge_ssl.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS
+
+    assert parse_args([]).corruptions == list(BENCHMARK_CORRUPTIONS)
+    assert parse_args(["--corruptions", "cifar10c", "saturate"]).corruptions == [*CIFAR10C_CORRUPTIONS, "saturate"]
+    with pytest.raises(SystemExit):
+        parse_args(["--corruptions", "frost"])  # not implemented: refused by name
