@@ -36,8 +36,16 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 DEFAULT_BUNDLE = ROOT.parent / "shared" / "teachers" / "simclr_resnet18_cifar.edge"
 
 
+_CORRUPTION_SETS = ("cifar10c", "validation")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from edge_ssl.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS, CORRUPTIONS
+    from edge_ssl.corruptions import (
+        BENCHMARK_CORRUPTIONS,
+        CIFAR10C_CORRUPTIONS,
+        CORRUPTIONS,
+        VALIDATION_CORRUPTIONS,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
@@ -45,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--quick", action="store_true", help="small sizes: < 10 minutes on 2 CPU cores")
     parser.add_argument("--corruptions", nargs="+", default=list(BENCHMARK_CORRUPTIONS),
-                        choices=(*CORRUPTIONS, "cifar10c"),
-                        help="default: the contract's five; 'cifar10c': the 12 CIFAR-10-C ones implemented")
+                        choices=(*CORRUPTIONS, *_CORRUPTION_SETS),
+                        help="default: the contract's five; 'cifar10c': the 12 CIFAR-10-C ones "
+                             "implemented; 'validation': its held-out ones, for choosing settings")
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--trainable", default="auto")
     parser.add_argument("--steps", type=int, default=None, help="default: 10 quick, 50 full")
@@ -56,17 +65,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bn-priors", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75],
+    parser.add_argument("--bn-priors", type=float, nargs="*", default=None,
                         help="also measure BN re-estimation alone at these priors (the trade-off "
-                             "between recovery and clean accuracy); none to skip")
+                             "between recovery and clean accuracy); default: 0, 0.25, 0.5, 0.75 and "
+                             "the run's bn_prior; none to skip")
     parser.add_argument("--swap-halves", action="store_true",
                         help="also adapt on the second half and score on the first, then pool the "
                              "accuracies of both (twice the scored images and the time)")
     args = parser.parse_args(argv)
-    if "cifar10c" in args.corruptions:
-        args.corruptions = [*CIFAR10C_CORRUPTIONS, *(n for n in args.corruptions
-                                                    if n not in CIFAR10C_CORRUPTIONS and n != "cifar10c")]
+    sets = {"cifar10c": CIFAR10C_CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
+    names = [n for arg in args.corruptions for n in sets.get(arg, (arg,))]
+    args.corruptions = list(dict.fromkeys(names))
     return args
+
+
+def priors_to_measure(asked: list[float] | None, run_prior: float) -> list[float]:
+    """The AdaBN-alone priors: as asked, or by default a spread plus the run's own prior
+    (``gradient_steps_gain`` compares the run with AdaBN alone at that prior)."""
+    if asked is not None:
+        return asked
+    return sorted({0.0, 0.25, 0.5, 0.75, float(run_prior)})
 
 
 def load_split(data: Path, quick: bool) -> dict[str, np.ndarray]:
@@ -245,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     config = AdaptConfig(trainable=args.trainable, steps=steps, batch_size=args.batch_size,
                          budget_mb=args.budget_mb, device=args.device, seed=args.seed,
                          **parse_key_values(args.opt, "--opt"))
+    args.bn_priors = priors_to_measure(args.bn_priors, config.bn_prior)
     split = load_split(args.data, args.quick)
     deployed = load_encoder(args.bundle)
     bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])

@@ -53,3 +53,22 @@ def test_default_corruptions_are_the_contracts_five_and_cifar10c_names_the_twelv
     assert parse_args(["--corruptions", "cifar10c", "saturate"]).corruptions == [*CIFAR10C_CORRUPTIONS, "saturate"]
     with pytest.raises(SystemExit):
         parse_args(["--corruptions", "frost"])  # not implemented: refused by name
+
+
+def test_validation_names_held_out_corruptions_that_no_benchmark_set_contains():
+    from adapt import parse_args
+
+    from edge_ssl.corruptions import CIFAR10C_CORRUPTIONS, VALIDATION_CORRUPTIONS
+
+    chosen = parse_args(["--corruptions", "validation", "speckle_noise"]).corruptions
+    assert chosen == list(VALIDATION_CORRUPTIONS)  # expanded once, no repeats
+    assert not set(chosen) & set(CIFAR10C_CORRUPTIONS)
+
+
+def test_default_bn_priors_include_the_runs_own_prior_and_an_empty_list_skips_them():
+    from adapt import parse_args, priors_to_measure
+
+    assert priors_to_measure(parse_args([]).bn_priors, 0.7) == [0.0, 0.25, 0.5, 0.7, 0.75]
+    assert priors_to_measure(parse_args([]).bn_priors, 0.5) == [0.0, 0.25, 0.5, 0.75]
+    assert priors_to_measure(parse_args(["--bn-priors"]).bn_priors, 0.7) == []
+    assert priors_to_measure(parse_args(["--bn-priors", "0.3"]).bn_priors, 0.7) == [0.3]
