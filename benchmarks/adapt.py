@@ -36,9 +36,6 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 DEFAULT_BUNDLE = ROOT.parent / "shared" / "teachers" / "simclr_resnet18_cifar.edge"
 
 
-_CORRUPTION_SETS = ("cifar10c", "validation")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from edge_ssl.corruptions import (
         BENCHMARK_CORRUPTIONS,
@@ -47,13 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         VALIDATION_CORRUPTIONS,
     )
 
+    sets = {"cifar10c": CIFAR10C_CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the CIFAR-10 .npz files")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--quick", action="store_true", help="small sizes: < 10 minutes on 2 CPU cores")
     parser.add_argument("--corruptions", nargs="+", default=list(BENCHMARK_CORRUPTIONS),
-                        choices=(*CORRUPTIONS, *_CORRUPTION_SETS),
+                        choices=(*CORRUPTIONS, *sets),
                         help="default: the contract's five; 'cifar10c': the 12 CIFAR-10-C ones "
                              "implemented; 'validation': its held-out ones, for choosing settings")
     parser.add_argument("--severity", type=int, default=5)
@@ -73,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also adapt on the second half and score on the first, then pool the "
                              "accuracies of both (twice the scored images and the time)")
     args = parser.parse_args(argv)
-    sets = {"cifar10c": CIFAR10C_CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
+    bad_priors = [p for p in args.bn_priors or () if not 0.0 <= p <= 0.999]
+    if bad_priors:
+        parser.error(f"--bn-priors must be in [0, 0.999] (the share of the deployed statistics "
+                     f"kept); got {', '.join(map(str, bad_priors))}")
     names = [n for arg in args.corruptions for n in sets.get(arg, (arg,))]
     args.corruptions = list(dict.fromkeys(names))
     return args

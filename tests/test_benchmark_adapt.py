@@ -72,3 +72,11 @@ def test_default_bn_priors_include_the_runs_own_prior_and_an_empty_list_skips_th
     assert priors_to_measure(parse_args([]).bn_priors, 0.5) == [0.0, 0.25, 0.5, 0.75]
     assert priors_to_measure(parse_args(["--bn-priors"]).bn_priors, 0.7) == []
     assert priors_to_measure(parse_args(["--bn-priors", "0.3"]).bn_priors, 0.7) == [0.3]
+
+
+def test_bn_priors_outside_zero_to_one_are_refused_before_any_work(capsys):
+    from adapt import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--bn-priors", "0.5", "1.5"])
+    assert "--bn-priors must be in [0, 0.999]" in capsys.readouterr().err
