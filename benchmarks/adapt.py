@@ -176,8 +176,10 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     }
 
 
-def bn_prior_rows(split, deployed, bank, args, clean: float) -> dict[float, dict[str, dict]]:
-    """AdaBN alone at each prior: {prior: {corruption: {clean, shifted, adapted, clean_after}}}.
+def bn_prior_rows(split, deployed, bank, args, clean: float,
+                  depth: float) -> dict[float, dict[str, dict]]:
+    """AdaBN alone at each prior (and the run's ``bn_depth``):
+    {prior: {corruption: {clean, shifted, adapted, clean_after}}}.
 
     No gradient steps, so this isolates what the statistics prior trades: the share of
     deployed (source) statistics kept, against recovery on the shifted images.
@@ -186,8 +188,8 @@ def bn_prior_rows(split, deployed, bank, args, clean: float) -> dict[float, dict
 
     import torch
 
+    from edge_ssl.adapt_bn import reestimate_bn_stats
     from edge_ssl.adapt_step import iterate_batches
-    from edge_ssl.adapt_trainables import reestimate_bn_stats
     from edge_ssl.corruptions import corrupt
     from edge_ssl.device import resolve_device
 
@@ -200,7 +202,8 @@ def bn_prior_rows(split, deployed, bank, args, clean: float) -> dict[float, dict
         for prior in args.bn_priors:
             encoder = copy.deepcopy(deployed).to(device).eval()
             with torch.no_grad():
-                reestimate_bn_stats(encoder, iterate_batches(adapt_x, 64, device, encoder.spec.input), prior=prior)
+                reestimate_bn_stats(encoder, iterate_batches(adapt_x, 64, device, encoder.spec.input),
+                                    prior=prior, depth=depth)
             by_prior[prior][name] = {
                 "clean": clean, "shifted": shifted, "sec_per_step": None,
                 "adapted": knn(encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             folds.append(rows)
             cleans.append(clean)
             if args.bn_priors:
-                prior_folds.append(bn_prior_rows(part, deployed, bank, args, clean))
+                prior_folds.append(bn_prior_rows(part, deployed, bank, args, clean, config.bn_depth))
     clean = float(np.mean(cleans))
     eval_images = len(split["eval_x"]) * len(parts)
     rows = pool(folds)

@@ -6,7 +6,7 @@ import copy
 import io
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,12 @@ from edge_ssl.adapt import (
     split_holdout,
     write_adapted,
 )
+from edge_ssl.adapt_bn import (
+    bn_input_statistics,
+    bn_statistics,
+    carry_step_change,
+    reestimate_bn_stats,
+)
 from edge_ssl.adapt_config import MIN_BATCH, AdaptConfig, default_budget_mb
 from edge_ssl.adapt_plan import AdaptPlan, plan_adaptation
 from edge_ssl.adapt_step import (
@@ -34,7 +40,7 @@ from edge_ssl.adapt_step import (
     iterate_batches,
     step_loss,
 )
-from edge_ssl.adapt_trainables import apply_trainables, bn_statistics, reestimate_bn_stats
+from edge_ssl.adapt_trainables import apply_trainables
 from edge_ssl.bundle import Bundle, atomic_write_bytes
 from edge_ssl.config import config_to_dict
 from edge_ssl.data import ImageDataset
@@ -68,6 +74,7 @@ class AdaptRun:
         self.distill_targets = self.targets  # replaced after the statistics pass (distill_to)
         self.health_before = embedding_health(self.targets[self.hold_idx])
         self.source_bn = bn_statistics(encoder)  # the deployed statistics every bn_prior mix keeps
+        self.deep_before: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see carry_step_change
         self.guard_config = GuardConfig(config.min_agreement, config.min_rank_ratio)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -82,9 +89,10 @@ class AdaptRun:
         """AdaBN statistics, then the memory plan, then the trainable subset and optimizer."""
         if self.config.bn_stats:
             self.progress(AdaptEvent("stats", 0, self.config.steps, message="re-estimating BN statistics"))
-            reestimate_bn_stats(self.encoder, iterate_batches(
-                self.images[self.train_idx], _STATS_BATCH, self.device, self.encoder.spec.input),
-                prior=self.config.bn_prior, source=self.source_bn)
+            reestimate_bn_stats(self.encoder, self._stats_batches(), prior=self.config.bn_prior,
+                                source=self.source_bn, depth=self.config.bn_depth)
+            if self.config.bn_depth < 1:
+                self.deep_before = bn_input_statistics(self.encoder, self._stats_batches())
             if self.config.distill_to == "bn-adapted":
                 self.distill_targets = embed(self.encoder, self.images, batch_size=_EMBED_BATCH,
                                              device=str(self.device))
@@ -191,6 +199,11 @@ class AdaptRun:
         return index[:smaller]
 
     # ---------------------------------------------------------------- guard
+    def _stats_batches(self) -> Iterator[torch.Tensor]:
+        """The training images once, in batches: what every BN statistics pass reads."""
+        return iterate_batches(self.images[self.train_idx], _STATS_BATCH, self.device,
+                               self.encoder.spec.input)
+
     def _hold_embeddings(self) -> np.ndarray:
         return embed(self.encoder, self.images[self.hold_idx], batch_size=_EMBED_BATCH,
                      device=str(self.device))
@@ -218,6 +231,7 @@ class AdaptRun:
             else torch.from_numpy(np.asarray(self.selector.mean, dtype=np.float32)),
             "step_seconds": self.step_seconds, "peak_step_mb": self.peak_step_mb,
             "distill_targets": torch.from_numpy(np.ascontiguousarray(self.distill_targets)),
+            "deep_before": self.deep_before,
         }
 
     def save_checkpoint(self) -> None:
@@ -242,6 +256,7 @@ class AdaptRun:
         self.history, self.guard = list(state["history"]), list(state["guard"])
         self.step_seconds = list(state.get("step_seconds", []))
         self.peak_step_mb = float(state.get("peak_step_mb", 0.0))
+        self.deep_before = state.get("deep_before")
         if state.get("distill_targets") is not None:
             self.distill_targets = state["distill_targets"].numpy()
         if self.selector is not None and state.get("selector") is not None:
@@ -253,9 +268,12 @@ class AdaptRun:
         disable_checkpointing(self.blocks)
         changed = self.step > 0 and self.stopped is None
         if changed and self.config.bn_stats:
-            reestimate_bn_stats(self.encoder, iterate_batches(
-                self.images[self.train_idx], _STATS_BATCH, self.device, self.encoder.spec.input),
-                prior=self.config.bn_prior, source=self.source_bn)
+            reestimate_bn_stats(self.encoder, self._stats_batches(), prior=self.config.bn_prior,
+                                source=self.source_bn, depth=self.config.bn_depth)
+            if self.deep_before is not None:
+                carry_step_change(self.encoder, self.source_bn, self.deep_before,
+                                  bn_input_statistics(self.encoder, self._stats_batches()),
+                                  depth=self.config.bn_depth)
             report = check_embeddings(self.step, self._hold_embeddings(),
                                       self.targets[self.hold_idx], self.health_before,
                                       self.guard_config)

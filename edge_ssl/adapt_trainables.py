@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from edge_ssl.adapt_bn import batch_norms
 from edge_ssl.errors import ConfigError
 from edge_ssl.lora import add_lora
 
@@ -34,13 +33,6 @@ class TrainablePlan:
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "tensors": len(self.names), "params": self.numel,
                 "lora_layers": len(self.lora_layers)}
-
-
-def batch_norms(module: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
-    """Every BatchNorm layer with running statistics (the ones AdaBN re-estimates)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-            yield layer
 
 
 def last_stage_name(backbone: nn.Module) -> str:
@@ -98,55 +90,3 @@ def set_norm_mode(encoder: nn.Module, *, use_batch_stats: bool) -> None:
     """BatchNorm layers in train mode (batch statistics, running stats update) or eval mode."""
     for layer in batch_norms(encoder):
         layer.train(use_batch_stats)
-
-
-def bn_statistics(encoder: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A copy of every BN layer's (running_mean, running_var), in ``batch_norms`` order."""
-    return [(bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for bn in batch_norms(encoder)]
-
-
-@torch.no_grad()
-def reestimate_bn_stats(
-    encoder: nn.Module, batches: Iterator[torch.Tensor], *, prior: float = 0.0,
-    source: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> int:
-    """AdaBN (Li et al. 2016): recompute every BN's running mean/var on ``batches``.
-
-    ``prior`` in [0, 1) keeps that weight on the source statistics (Schneider et al. 2020,
-    "Improving robustness against common corruptions by covariate shift adaptation"):
-    ``stat = prior * source + (1 - prior) * target``. ``source`` defaults to the current
-    statistics; pass the deployed model's (``bn_statistics``) when re-estimating again, or
-    the prior would compound. Returns the number of images seen. Only BN buffers change;
-    the train/eval flag of every module is restored.
-    """
-    layers = list(batch_norms(encoder))
-    if not layers:
-        return 0
-    current = bn_statistics(encoder)
-    if source is not None and [m.shape for m, _ in source] != [m.shape for m, _ in current]:
-        raise ValueError("source BN statistics do not match the encoder's BatchNorm layers.")
-    mix = source if source is not None else current
-    momenta = [bn.momentum for bn in layers]
-    modes = [(m, m.training) for m in encoder.modules()]
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all batches
-        bn.train()
-    seen = 0
-    try:
-        for batch in batches:
-            encoder(batch)
-            seen += len(batch)
-    finally:
-        for bn, momentum, (mean, var), (prior_mean, prior_var) in zip(
-                layers, momenta, current, mix, strict=True):
-            bn.momentum = momentum
-            if seen == 0:
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-            else:
-                bn.running_mean.mul_(1 - prior).add_(prior_mean, alpha=prior)
-                bn.running_var.mul_(1 - prior).add_(prior_var, alpha=prior)
-        for module, training in modes:
-            module.training = training
-    return seen

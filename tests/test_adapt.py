@@ -65,6 +65,21 @@ def test_writes_a_plain_encoder_bundle_with_lineage(parent, tmp_path, trainable)
     assert not checkpoint_path(tmp_path / "a.edge").parent.exists()  # cleaned up on success
 
 
+def test_a_shallow_bn_depth_keeps_deep_statistics_except_where_the_steps_changed_the_input(parent, tmp_path):
+    from edge_ssl.adapt_bn import batch_norms
+
+    adapt(parent, _images(48), tmp_path / "a.edge",
+          AdaptConfig(trainable="lora", bn_depth=0.5, **FAST))
+    deployed, adapted = load_encoder(parent), load_encoder(tmp_path / "a.edge")
+    names = [n for n, m in deployed.named_modules() if m in set(batch_norms(deployed))]
+    half = len(names) // 2
+    source, new = deployed.state_dict(), adapted.state_dict()
+    changed = [n for n in names if not torch.equal(source[f"{n}.running_mean"], new[f"{n}.running_mean"])]
+    assert set(names[:half]) <= set(changed)  # shallow: re-estimated on the local images
+    deep_changed = [n for n in changed if n in names[half:]]
+    assert deep_changed and all(".layer4." in f".{n}" for n in deep_changed)  # LoRA's stage only
+
+
 @pytest.mark.parametrize("distill_to", ["bn-adapted", "deployed"])
 def test_distillation_targets_follow_distill_to_and_are_checkpointed(parent, tmp_path, monkeypatch,
                                                                      distill_to):

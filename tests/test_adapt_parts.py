@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from edge_ssl.adapt_bn import batch_norms, reestimate_bn_stats
 from edge_ssl.adapt_config import AdaptConfig
 from edge_ssl.adapt_export import fold_batchnorm
 from edge_ssl.adapt_plan import measure_configuration
-from edge_ssl.adapt_trainables import apply_trainables, batch_norms, reestimate_bn_stats
+from edge_ssl.adapt_trainables import apply_trainables
 from edge_ssl.errors import ConfigError
 from edge_ssl.evaluate import embedding_health
 from edge_ssl.guard import GuardConfig, check_embeddings
@@ -93,6 +94,71 @@ def test_adabn_sets_statistics_of_the_local_data(encoder, batch):
     torch.testing.assert_close(first.running_mean, (source + target) / 2, atol=1e-4, rtol=1e-4)
 
 
+def test_a_shallow_depth_reestimates_only_the_first_layers_and_gives_the_deep_ones_the_source(encoder, batch):
+    from edge_ssl.adapt_bn import bn_statistics, shallow_count
+
+    deployed = bn_statistics(encoder)
+    layers = list(batch_norms(encoder))
+    shallow = shallow_count(len(layers), 0.5)
+    assert 1 <= shallow < len(layers)
+    for bn in layers[shallow:]:  # stand-in for statistics an earlier full pass left behind
+        bn.running_mean.add_(5.0)
+    reestimate_bn_stats(encoder, iter([batch * 3 + 2]), prior=0.0, source=deployed, depth=0.5)
+    after = bn_statistics(encoder)
+    for (mean, _), (deployed_mean, _) in zip(after[:shallow], deployed[:shallow], strict=True):
+        assert not torch.allclose(mean, deployed_mean)
+    for (mean, var), (deployed_mean, deployed_var) in zip(after[shallow:], deployed[shallow:], strict=True):
+        torch.testing.assert_close(mean, deployed_mean)
+        torch.testing.assert_close(var, deployed_var)
+    assert not encoder.training and not any(bn.training for bn in layers)
+    full = create_encoder("resnet18_cifar", width=0.25).eval()
+    full.load_state_dict(encoder.state_dict())
+    reestimate_bn_stats(full, iter([batch * 3 + 2]), prior=0.0, source=deployed)
+    for (mean, _), (full_mean, _) in zip(after[:shallow], bn_statistics(full)[:shallow], strict=True):
+        torch.testing.assert_close(mean, full_mean)  # the shallow layers never depend on deeper ones
+    assert [shallow_count(20, d) for d in (0.01, 0.5, 1.0)] == [1, 10, 20]
+
+
+def test_bn_input_statistics_are_those_of_each_layers_input_and_change_nothing(encoder, batch):
+    from edge_ssl.adapt_bn import bn_input_statistics, bn_statistics
+
+    before = bn_statistics(encoder)
+    stats = bn_input_statistics(encoder, iter([batch[:2], batch[2:]]))
+    conv = encoder.backbone.conv1(batch)
+    torch.testing.assert_close(stats[0][0], conv.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats[0][1], conv.var(dim=(0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-4)
+    assert len(stats) == len(before) and not encoder.training
+    for (mean, var), (same_mean, same_var) in zip(before, bn_statistics(encoder), strict=True):
+        assert torch.equal(mean, same_mean) and torch.equal(var, same_var)
+
+
+def test_carrying_the_step_change_moves_only_deep_layers_whose_inputs_changed(encoder):
+    from edge_ssl.adapt_bn import bn_statistics, carry_step_change
+
+    source = bn_statistics(encoder)
+    count = len(source)
+    before = [(torch.randn_like(m), torch.rand_like(v) + 0.5) for m, v in source]
+    after = [(m.clone(), v.clone()) for m, v in before]
+    after[-1] = (before[-1][0] + 2.0, before[-1][1] * 3.0)  # the steps reached the last layer only
+    shallow_before = [(m.clone(), v.clone()) for m, v in bn_statistics(encoder)[: count // 2]]
+    carry_step_change(encoder, source, before, after, depth=0.5)
+    now = bn_statistics(encoder)
+    for (mean, var), (kept_mean, kept_var) in zip(now[: count // 2], shallow_before, strict=True):
+        assert torch.equal(mean, kept_mean) and torch.equal(var, kept_var)  # shallow: untouched
+    for (mean, var), (source_mean, source_var) in zip(now[count // 2 : -1], source[count // 2 : -1], strict=True):
+        torch.testing.assert_close(mean, source_mean)
+        torch.testing.assert_close(var, source_var)
+    torch.testing.assert_close(now[-1][0], source[-1][0] + 2.0)
+    torch.testing.assert_close(now[-1][1], source[-1][1] * 3.0, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_depth_zero_is_refused_with_what_to_use_instead():
+    with pytest.raises(ConfigError, match="bn_stats=false"):
+        AdaptConfig(bn_depth=0)
+    with pytest.raises(ConfigError, match="bn_depth"):
+        AdaptConfig(bn_depth=1.5)
+
+
 def test_folding_batchnorm_keeps_the_output(encoder, batch):
     reestimate_bn_stats(encoder, iter([batch * 2 + 1]))  # non-trivial statistics
     folded = fold_batchnorm(encoder.backbone)
@@ -153,7 +219,7 @@ def test_guard_flags_collapse_and_drift():
 
 
 def test_a_second_reestimation_mixes_with_the_deployed_statistics_not_the_adapted_ones(encoder, batch):
-    from edge_ssl.adapt_trainables import bn_statistics
+    from edge_ssl.adapt_bn import bn_statistics
 
     deployed = bn_statistics(encoder)
     shifted = batch * 3 + 2
