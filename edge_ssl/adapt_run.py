@@ -256,7 +256,9 @@ class AdaptRun:
         self.history, self.guard = list(state["history"]), list(state["guard"])
         self.step_seconds = list(state.get("step_seconds", []))
         self.peak_step_mb = float(state.get("peak_step_mb", 0.0))
-        self.deep_before = state.get("deep_before")
+        deep = state.get("deep_before")  # the checkpoint is read to the CPU
+        self.deep_before = None if deep is None else [
+            (mean.to(self.device), var.to(self.device)) for mean, var in deep]
         if state.get("distill_targets") is not None:
             self.distill_targets = state["distill_targets"].numpy()
         if self.selector is not None and state.get("selector") is not None:
