@@ -47,6 +47,12 @@ class AdaptConfig:
       re-estimated statistics, taken once after the statistics pass) or ``deployed`` (the
       deployed model as it was; this pulls the steps back towards the shifted embedding that
       the statistics pass just corrected).
+    - ``align_weight``: weight of a term that pulls the per-channel mean and variance of the
+      inputs of the BN layers that keep the deployed statistics (those past ``bn_depth``;
+      all of them without ``bn_stats``), on the un-augmented local images, towards those
+      deployed statistics: the source statistics every BN network carries (ActMAD, Mirza et
+      al. 2023, without a source pass). With it, those layers keep the deployed statistics
+      after the steps instead of carrying the step change (the steps moved the inputs there).
     - ``select``: EATA-style sample selection: skip images whose deployed embedding is
       within cosine ``select_threshold`` of the running mean of the ones already used.
     - guard: every ``guard_every`` steps on a held-back ``holdout_frac`` of the images;
@@ -66,6 +72,7 @@ class AdaptConfig:
     ssl_weight: float = 1.0
     distill_weight: float = 1.0
     distill_to: str = "bn-adapted"
+    align_weight: float = 0.0
     bn_stats: bool = True
     bn_prior: float = 0.5
     bn_depth: float = 0.75
@@ -93,7 +100,7 @@ class AdaptConfig:
             _integer(owner, name, getattr(self, name), 1)
         _integer(owner, "batch_size", self.batch_size, MIN_BATCH)
         _integer(owner, "seed", self.seed, 0)
-        for name in ("lr", "weight_decay", "ssl_weight", "distill_weight"):
+        for name in ("lr", "weight_decay", "ssl_weight", "distill_weight", "align_weight"):
             _number(owner, name, getattr(self, name), 0.0, None)
         _number(owner, "bn_prior", self.bn_prior, 0.0, 0.999)
         _number(owner, "bn_depth", self.bn_depth, 0.0, 1.0)
@@ -104,9 +111,13 @@ class AdaptConfig:
         _number(owner, "holdout_frac", self.holdout_frac, 0.01, 0.5)
         if self.budget_mb is not None:
             _number(owner, "budget_mb", self.budget_mb, 1e-6, None)
-        if self.ssl_weight == 0 and self.distill_weight == 0 and self.trainable != "bn-stats":
+        if self.align_weight and self.bn_stats and self.bn_depth == 1:
+            raise ConfigError("AdaptConfig.align_weight needs BN layers that keep the deployed "
+                              "statistics: bn_depth < 1, or bn_stats=false.")
+        if (self.ssl_weight == 0 and self.distill_weight == 0 and self.align_weight == 0
+                and self.trainable != "bn-stats"):
             raise ConfigError(
-                "AdaptConfig: ssl_weight and distill_weight are both 0, so gradient steps "
+                "AdaptConfig: ssl_weight, distill_weight and align_weight are all 0, so gradient steps "
                 "have no objective; set one > 0 or use trainable='bn-stats'."
             )
         if not isinstance(self.bn_stats, bool) or not isinstance(self.select, bool):

@@ -34,6 +34,7 @@ from edge_ssl.adapt_step import (
     SampleSelector,
     backward_blocks,
     build_method,
+    check_alignment,
     disable_checkpointing,
     enable_checkpointing,
     is_out_of_memory,
@@ -272,7 +273,7 @@ class AdaptRun:
         if changed and self.config.bn_stats:
             reestimate_bn_stats(self.encoder, self._stats_batches(), prior=self.config.bn_prior,
                                 source=self.source_bn, depth=self.config.bn_depth)
-            if self.deep_before is not None:
+            if self.deep_before is not None and self.config.align_weight == 0:
                 carry_step_change(self.encoder, self.source_bn, self.deep_before,
                                   bn_input_statistics(self.encoder, self._stats_batches()),
                                   depth=self.config.bn_depth)
@@ -324,6 +325,7 @@ def run_adaptation(
     state = load_checkpoint(checkpoint_path(out), config, data.images) if resume else None
     torch.manual_seed(config.seed)
     encoder = load_encoder(weights).to(device)
+    check_alignment(encoder, config)
     run = AdaptRun(encoder, data, out, config, device, progress)
     if state is None:
         budget, source = (config.budget_mb, "--budget-mb") if config.budget_mb else default_budget_mb(

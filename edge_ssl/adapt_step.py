@@ -10,9 +10,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from edge_ssl.adapt_bn import batch_norms, shallow_count
 from edge_ssl.adapt_config import AdaptConfig
+from edge_ssl.errors import ConfigError
 from edge_ssl.methods import SSLMethod, create_method
-from edge_ssl.tensors import images_to_tensor
+from edge_ssl.tensors import images_to_tensor, preprocess
 
 
 def build_method(encoder: nn.Module, config: AdaptConfig) -> SSLMethod:
@@ -50,6 +52,44 @@ def distill_term(h1: torch.Tensor, h2: torch.Tensor, target: torch.Tensor) -> to
     return 1.0 - (cos1.mean() + cos2.mean()) / 2
 
 
+def aligned_norms(encoder: nn.Module, config: AdaptConfig) -> list[nn.Module]:
+    """The BN layers that keep the deployed statistics in this run (what ``align_weight`` targets)."""
+    layers = list(batch_norms(encoder))
+    if not config.bn_stats:
+        return layers
+    return layers[shallow_count(len(layers), config.bn_depth):]
+
+
+def check_alignment(encoder: nn.Module, config: AdaptConfig) -> None:
+    """Refuse ``align_weight`` for an encoder with no BN layer to align (ViTs, for example)."""
+    if config.align_weight > 0 and not aligned_norms(encoder, config):
+        raise ConfigError("align_weight needs BatchNorm layers that keep the deployed statistics; "
+                          "this encoder has none. Use align_weight=0.")
+
+
+def alignment_term(encoder: nn.Module, layers: list[nn.Module], batch: torch.Tensor) -> torch.Tensor:
+    """Mean over ``layers`` and channels of how far the batch statistics of each layer's input
+    are from its running (deployed) statistics: ``(mean - mu)^2 / var_ref + (std / std_ref - 1)^2``
+    (both scale-free). Runs ``encoder`` on ``batch`` once; the encoder stays in eval mode."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    handles = [layer.register_forward_pre_hook(lambda module, args: seen.append((module, args[0])))
+               for layer in layers]
+    try:
+        encoder(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    terms = []
+    for bn, x in seen:
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()
+        mean, var = flat.mean(dim=1), flat.var(dim=1, unbiased=False)
+        ref_var = bn.running_var + bn.eps
+        shift = (mean - bn.running_mean) ** 2 / ref_var
+        scale = ((var + bn.eps) / ref_var).sqrt() - 1
+        terms.append((shift + scale * scale).mean())
+    return torch.stack(terms).mean()
+
+
 def step_loss(
     method: SSLMethod,
     views: nn.Module,
@@ -64,9 +104,16 @@ def step_loss(
     ssl, h1, h2 = ssl_terms(method, x1, x2)
     distill = distill_term(h1, h2, torch.from_numpy(targets).to(device))
     loss = config.ssl_weight * ssl + config.distill_weight * distill
-    logs = {"loss": float(loss.detach()), "ssl": float(ssl.detach()),
-            "distill": float(distill.detach())}
-    return loss, logs, [batch, x1, x2]
+    logs = {"ssl": float(ssl.detach()), "distill": float(distill.detach())}
+    inputs = [batch, x1, x2]
+    if config.align_weight > 0:
+        plain = preprocess(images, method.encoder.spec.input, device)
+        align = alignment_term(method.encoder, aligned_norms(method.encoder, config), plain)
+        loss = loss + config.align_weight * align
+        logs["align"] = float(align.detach())
+        inputs.append(plain)
+    logs["loss"] = float(loss.detach())
+    return loss, logs, inputs
 
 
 class SampleSelector:

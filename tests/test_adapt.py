@@ -80,6 +80,20 @@ def test_a_shallow_bn_depth_keeps_deep_statistics_except_where_the_steps_changed
     assert deep_changed and all(".layer4." in f".{n}" for n in deep_changed)  # LoRA's stage only
 
 
+def test_alignment_steps_leave_the_deep_layers_at_the_deployed_statistics(parent, tmp_path):
+    from edge_ssl.adapt_bn import batch_norms
+
+    result = adapt(parent, _images(48), tmp_path / "a.edge",
+                   AdaptConfig(trainable="lora", bn_depth=0.5, align_weight=1.0, **FAST))
+    assert result.history and all(log["align"] > 0 for log in result.history)
+    deployed, adapted = load_encoder(parent), load_encoder(tmp_path / "a.edge")
+    names = [n for n, m in deployed.named_modules() if m in set(batch_norms(deployed))]
+    source, new = deployed.state_dict(), adapted.state_dict()
+    for name in names[len(names) // 2:]:  # no step change carried: the steps moved the inputs there
+        assert torch.equal(source[f"{name}.running_mean"], new[f"{name}.running_mean"])
+        assert torch.equal(source[f"{name}.running_var"], new[f"{name}.running_var"])
+
+
 @pytest.mark.parametrize("distill_to", ["bn-adapted", "deployed"])
 def test_distillation_targets_follow_distill_to_and_are_checkpointed(parent, tmp_path, monkeypatch,
                                                                      distill_to):

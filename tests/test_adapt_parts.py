@@ -152,6 +152,40 @@ def test_carrying_the_step_change_moves_only_deep_layers_whose_inputs_changed(en
     torch.testing.assert_close(now[-1][1], source[-1][1] * 3.0, rtol=1e-4, atol=1e-4)
 
 
+def test_alignment_is_zero_at_the_deployed_statistics_and_grows_with_the_shift(encoder, batch):
+    from edge_ssl.adapt_bn import bn_input_statistics, shallow_count
+    from edge_ssl.adapt_step import aligned_norms, alignment_term
+
+    every = list(batch_norms(encoder))
+    assert aligned_norms(encoder, AdaptConfig(bn_depth=0.5)) == every[shallow_count(len(every), 0.5):]
+    assert aligned_norms(encoder, AdaptConfig(bn_stats=False)) == list(batch_norms(encoder))
+    stats = bn_input_statistics(encoder, iter([batch]))
+    for bn, (mean, var) in zip(batch_norms(encoder), stats, strict=True):
+        bn.running_mean.copy_(mean)  # what each layer sees on this batch, one layer at a time
+        bn.running_var.copy_(var)
+    # the inputs of deep layers depend on the statistics of earlier ones: compare at the first
+    first = list(batch_norms(encoder))[:1]
+    assert float(alignment_term(encoder, first, batch).detach()) < 1e-6
+    assert float(alignment_term(encoder, first, batch * 2 + 1).detach()) > 0.5
+    weight = encoder.backbone.conv1.weight
+    weight.requires_grad_(True)
+    alignment_term(encoder, first, batch * 2 + 1).backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0  # the steps can act on it
+
+
+def test_alignment_needs_layers_that_keep_the_deployed_statistics():
+    with pytest.raises(ConfigError, match="align_weight"):
+        AdaptConfig(align_weight=1.0, bn_depth=1.0)
+    AdaptConfig(align_weight=1.0, bn_depth=1.0, bn_stats=False)
+    AdaptConfig(align_weight=1.0, ssl_weight=0.0, distill_weight=0.0)  # alignment alone is an objective
+    from edge_ssl.adapt_step import check_alignment
+
+    without_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ConfigError, match="no"):
+        check_alignment(without_bn, AdaptConfig(align_weight=1.0))
+    check_alignment(without_bn, AdaptConfig())  # nothing asked, nothing to refuse
+
+
 def test_bn_depth_zero_is_refused_with_what_to_use_instead():
     with pytest.raises(ConfigError, match="bn_stats=false"):
         AdaptConfig(bn_depth=0)
