@@ -30,12 +30,15 @@ def test_byte_model_tracks_cuda_max_allocated(trainable):
     assert 1 / 1.6 < ratio < 1.6, memory.to_dict()
 
 
-def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path):
+@pytest.mark.parametrize("align_weight", [0.0, 1.0])
+def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path, align_weight):
     encoder = create_encoder("resnet18_cifar", width=0.25)
     parent = write_encoder_bundle(tmp_path / "p.edge", encoder, lineage=())
     data = ImageDataset(_images(), None, None, "random")
     result = adapt(parent, data, tmp_path / "a.edge",
-                   AdaptConfig(trainable="lora", steps=3, batch_size=8, device="cuda"))
+                   AdaptConfig(trainable="lora", steps=3, batch_size=8, device="cuda",
+                               align_weight=align_weight))
     adapt_metrics = result.bundle.manifest.metrics["adapt"]
     assert adapt_metrics["memory_measure"] == "cuda max_memory_allocated"
     assert adapt_metrics["peak_step_mb"] > 0 and result.steps_done == 3
+    assert all(("align" in log) == bool(align_weight) for log in result.history)
