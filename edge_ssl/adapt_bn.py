@@ -26,6 +26,13 @@ def shallow_count(total: int, depth: float) -> int:
     return max(1, min(total, round(depth * total))) if total else 0
 
 
+def kept_batch_norms(encoder: nn.Module, depth: float | None) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BN layers that keep the deployed statistics: those past ``depth`` (see
+    :func:`reestimate_bn_stats`), or every one when no statistics pass runs (``None``)."""
+    layers = list(batch_norms(encoder))
+    return layers if depth is None else layers[shallow_count(len(layers), depth):]
+
+
 @torch.no_grad()
 def reestimate_bn_stats(
     encoder: nn.Module, batches: Iterator[torch.Tensor], *, prior: float = 0.0,

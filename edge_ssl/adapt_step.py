@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from edge_ssl.adapt_bn import batch_norms, shallow_count
+from edge_ssl.adapt_bn import kept_batch_norms
 from edge_ssl.adapt_config import AdaptConfig
 from edge_ssl.errors import ConfigError
 from edge_ssl.methods import SSLMethod, create_method
-from edge_ssl.tensors import images_to_tensor, preprocess
+from edge_ssl.tensors import eval_transform, images_to_tensor
 
 
 def build_method(encoder: nn.Module, config: AdaptConfig) -> SSLMethod:
@@ -54,10 +54,7 @@ def distill_term(h1: torch.Tensor, h2: torch.Tensor, target: torch.Tensor) -> to
 
 def aligned_norms(encoder: nn.Module, config: AdaptConfig) -> list[nn.Module]:
     """The BN layers that keep the deployed statistics in this run (what ``align_weight`` targets)."""
-    layers = list(batch_norms(encoder))
-    if not config.bn_stats:
-        return layers
-    return layers[shallow_count(len(layers), config.bn_depth):]
+    return kept_batch_norms(encoder, config.bn_depth if config.bn_stats else None)
 
 
 def check_alignment(encoder: nn.Module, config: AdaptConfig) -> None:
@@ -100,14 +97,14 @@ def step_loss(
 ) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
     """The adaptation loss of one batch of uint8 images; (loss, logs, input tensors)."""
     batch = images_to_tensor(images, device)
+    plain = eval_transform(batch, method.encoder.spec.input) if config.align_weight > 0 else None
     x1, x2 = views(batch)
     ssl, h1, h2 = ssl_terms(method, x1, x2)
     distill = distill_term(h1, h2, torch.from_numpy(targets).to(device))
     loss = config.ssl_weight * ssl + config.distill_weight * distill
     logs = {"ssl": float(ssl.detach()), "distill": float(distill.detach())}
     inputs = [batch, x1, x2]
-    if config.align_weight > 0:
-        plain = preprocess(images, method.encoder.spec.input, device)
+    if plain is not None:  # the un-augmented batch, from the copy already on the device
         align = alignment_term(method.encoder, aligned_norms(method.encoder, config), plain)
         loss = loss + config.align_weight * align
         logs["align"] = float(align.detach())

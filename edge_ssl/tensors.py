@@ -50,10 +50,15 @@ def normalize(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 def preprocess(
     images: np.ndarray, spec: InputSpec, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """Deterministic eval transform: resize to the spec's size (antialiased) and normalize."""
+    """Deterministic eval transform of uint8 images: resize to the spec's size (antialiased)
+    and normalize."""
+    return eval_transform(images_to_tensor(images, device), spec)
+
+
+def eval_transform(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """:func:`preprocess` for a float (N, 3, H, W) batch in 0..1 already on its device; new tensor."""
     import torch.nn.functional as F
 
-    batch = images_to_tensor(images, device)
     height, width = spec.shape[1], spec.shape[2]
     if batch.shape[-2:] != (height, width):
         batch = F.interpolate(
