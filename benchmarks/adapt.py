@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data ({args.data}) or bundle ({args.bundle}) not found; see ../shared/*/README.md",
               file=sys.stderr)
         return 2
-    from edge_ssl.adapt import AdaptConfig
+    from edge_ssl.adapt_tune import adapt_config_for, bundle_adapt_settings
+    from edge_ssl.bundle import Bundle
     from edge_ssl.commands.common import parse_key_values
     from edge_ssl.environment import describe_environment
     from edge_ssl.evaluate import embed
@@ -264,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     steps = args.steps or (10 if args.quick else 50)
-    config = AdaptConfig(trainable=args.trainable, steps=steps, batch_size=args.batch_size,
-                         budget_mb=args.budget_mb, device=args.device, seed=args.seed,
-                         **parse_key_values(args.opt, "--opt"))
+    bundle = Bundle.open(args.bundle, verify=True)
+    tuned = bundle_adapt_settings(bundle)  # what `edge-ssl adapt-tune` recorded, as the CLI applies it
+    config = adapt_config_for(bundle, {
+        "trainable": args.trainable, "steps": steps, "batch_size": args.batch_size,
+        "budget_mb": args.budget_mb, "device": args.device, "seed": args.seed,
+        **parse_key_values(args.opt, "--opt")})
     args.bn_priors = priors_to_measure(args.bn_priors, config.bn_prior)
     split = load_split(args.data, args.quick)
     deployed = load_encoder(args.bundle)
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                      "swap_halves": args.swap_halves,
                      "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
                      "bank": "clean train images, embedded once by the deployed model",
-                     "config": {k: v for k, v in vars(config).items()}},
+                     "config": {k: v for k, v in vars(config).items()},
+                     "bundle_settings": tuned or None},
         "targets": {"recovery_frac": ">= 0.5", "clean_drop_pts": "<= 1", "peak_mem_ratio": "<= 0.35"},
         "seconds": time.perf_counter() - started,
         "environment": describe_environment(),

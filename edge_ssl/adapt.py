@@ -134,7 +134,9 @@ def adapt(
     the memory budget allows, guarded against collapse and drift; the bundle is written
     atomically at the end (an interrupted run leaves only ``OUT.ckpt/``, for ``--resume``).
     ``export``: 'auto' re-exports ONNX (and refits TensorRT engines) when the input bundle
-    had them, 'always', or 'never'.
+    had them, 'always', or 'never'. ``config`` is used as given: build it with
+    ``edge_ssl.adapt_tune.adapt_config_for`` to start from the BN settings that
+    ``edge-ssl adapt-tune`` recorded in the bundle, as the CLI does.
     """
     from edge_ssl.adapt_run import run_adaptation
 

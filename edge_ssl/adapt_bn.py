@@ -94,6 +94,26 @@ def reestimate_bn_stats(
 
 
 @torch.no_grad()
+def blend_bn_statistics(
+    encoder: nn.Module, measured: list[tuple[torch.Tensor, torch.Tensor]],
+    source: list[tuple[torch.Tensor, torch.Tensor]], *, depth: float, prior: float,
+) -> None:
+    """Set the statistics :func:`reestimate_bn_stats` would give at ``prior`` and ``depth`` from
+    ``measured``, the statistics of a pass at prior 0 and the same depth: a prior only mixes
+    the measured statistics with ``source`` afterwards, so one pass serves every prior."""
+    layers = list(batch_norms(encoder))
+    shallow = shallow_count(len(layers), depth)
+    for index, bn in enumerate(layers):
+        (mean, var), (src_mean, src_var) = measured[index], source[index]
+        if index < shallow:
+            bn.running_mean.copy_(mean).mul_(1 - prior).add_(src_mean, alpha=prior)
+            bn.running_var.copy_(var).mul_(1 - prior).add_(src_var, alpha=prior)
+        else:
+            bn.running_mean.copy_(src_mean)
+            bn.running_var.copy_(src_var)
+
+
+@torch.no_grad()
 def bn_input_statistics(encoder: nn.Module, batches: Iterator[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (mean, variance) of every BN layer's input over ``batches``, with the model
     as it is (eval mode: each BN normalizes with its running statistics). Changes nothing."""

@@ -354,8 +354,12 @@ def run_adaptation(
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],
         "device": str(device), "resumed": resume, "parent_with_weights": str(weights.path)})
     from edge_ssl.adapt_export import export_artifacts
+    from edge_ssl.adapt_tune import SETTINGS_FILE, settings_file
 
+    tuned = settings_file(deployed)  # the next adaptation of the result uses the same settings
     with export_artifacts(encoder_cpu, deployed, export) as (extra_files, export_info):
+        if tuned is not None:
+            extra_files = {**extra_files, SETTINGS_FILE: tuned}
         adapt_metrics["export"] = export_info
         metrics = {"params": count_parameters(encoder_cpu), "adapt": adapt_metrics,
                    **_export_metrics(deployed, export_info, extra_files)}

@@ -80,3 +80,18 @@ def test_bn_priors_outside_zero_to_one_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--bn-priors", "0.5", "1.5"])
     assert "--bn-priors must be in [0, 0.999]" in capsys.readouterr().err
+
+
+def test_recentring_moves_the_target_embedding_statistics_to_the_source():
+    from adapt_recentre import shift
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(3.0, 2.0, (400, 8))
+    target = (emb.mean(0), emb.std(0))
+    source = (np.full(8, -1.0), np.full(8, 0.5))
+    assert shift(emb, "none", target, source) is emb
+    np.testing.assert_allclose(shift(emb, "mean", target, source).mean(0), source[0])
+    np.testing.assert_allclose(shift(emb, "mean_half", target, source).mean(0), (target[0] + source[0]) / 2)
+    matched = shift(emb, "meanstd", target, source)
+    np.testing.assert_allclose(matched.mean(0), source[0], atol=1e-12)
+    np.testing.assert_allclose(matched.std(0), source[1])

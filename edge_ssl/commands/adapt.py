@@ -69,6 +69,7 @@ def adapt(
                          as_json=as_json)
         return
     memory_gb = _profile_memory_gb(profile, target)
+    config = _with_bundle_settings(bundle, settings, config)
     dataset = load_images(data_source(data), limit=limit)
     console = stderr_console()
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
@@ -82,6 +83,21 @@ def adapt(
         emit_json(report)
         return
     _summary(console, result, report.get("deploy"))
+
+
+def _with_bundle_settings(bundle: Path, settings: dict[str, Any], config: Any) -> Any:
+    """``config`` with the BN settings ``edge-ssl adapt-tune`` recorded in the bundle (the
+    explicit settings win); a bundle that cannot be opened keeps ``config`` and fails later
+    with adaptation's own message."""
+    from edge_ssl.adapt_tune import adapt_config_for
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.errors import BundleError
+
+    try:
+        opened = Bundle.open(bundle, verify=False)
+    except (BundleError, OSError):
+        return config
+    return adapt_config_for(opened, settings)
 
 
 def _pass_through(settings: dict[str, Any], opt: list[str] | None, limit: int | None) -> list[str]:

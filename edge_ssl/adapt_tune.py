@@ -1,0 +1,309 @@
+"""Per-bundle BN settings for adaptation: pick ``bn_depth`` and ``bn_prior`` for one encoder on
+held-out synthetic shifts of labeled clean images, and record them in the bundle for ``adapt``.
+
+The package defaults (depth 0.75, prior 0.5) were chosen for the SimCLR ResNet-18 teacher;
+a pruned student tolerates less re-estimation (its clean accuracy falls faster). Tuning
+runs on the server, where labels exist; the device then adapts with the bundle's settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_ssl.adapt_config import AdaptConfig
+from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out, find_float_ancestor
+from edge_ssl.config import config_from_dict, config_to_dict
+from edge_ssl.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+from edge_ssl.data import ImageDataset, split_mask
+from edge_ssl.errors import BundleError, ConfigError, DataError
+
+#: The bundle file ``edge-ssl adapt`` reads its per-bundle BN settings from.
+SETTINGS_FILE = "adapt_settings.json"
+TUNED_FIELDS = ("bn_stats", "bn_depth", "bn_prior")
+#: Fewest labeled images left for the kNN bank after the probe is taken out.
+MIN_BANK = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """How to tune the BN settings of one encoder.
+
+    - ``corruptions`` at ``severity``: the shifts to tune on. The default is CIFAR-10-C's
+      held-out validation set, so tuned settings never see the corruptions a benchmark scores.
+    - ``depths`` x ``priors``: the grid of ``bn_depth`` and ``bn_prior`` tried (AdaBN alone),
+      beside keeping the deployed statistics (``bn_stats`` false: no recovery, no clean cost),
+      which wins when every re-estimation loses accuracy or costs too much.
+    - ``max_clean_drop``: clean kNN points AdaBN alone may cost, averaged over corruptions.
+      0.5 leaves the other half of a 1-point budget to the gradient steps, which added
+      0.5 points to AdaBN's clean drop on the teacher (0.70 against 0.20, docs/adapt.md).
+    - ``probe_images`` labeled images are held out of the kNN bank: one half is corrupted
+      and adapted on (labels unused), the other half scored; at most ``bank_images`` of the
+      rest form the bank.
+    """
+
+    corruptions: tuple[str, ...] = VALIDATION_CORRUPTIONS
+    severity: int = 5
+    depths: tuple[float, ...] = (0.5, 0.75, 1.0)
+    priors: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    max_clean_drop: float = 0.5
+    probe_images: int = 2000
+    bank_images: int = 10000
+    knn_k: int = 20
+    batch_size: int = 128
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "corruptions", tuple(self.corruptions))
+        object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "priors", tuple(self.priors))
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if not self.corruptions or unknown:
+            raise ConfigError(f"TuneConfig.corruptions must name some of {', '.join(CORRUPTIONS)}; "
+                              f"got {list(self.corruptions)!r}.")
+        if not self.depths or not self.priors:
+            raise ConfigError("TuneConfig.depths and .priors each need at least one value.")
+        for depth in self.depths:
+            for prior in self.priors:  # the same checks adapt applies to each pair
+                AdaptConfig(bn_depth=depth, bn_prior=prior)
+        for name, low in (("severity", 1), ("probe_images", 20), ("bank_images", MIN_BANK),
+                          ("knn_k", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"TuneConfig.{name} must be an integer >= {low}; got {value!r}.")
+        if self.severity > 5:
+            raise ConfigError(f"TuneConfig.severity must be 1..5; got {self.severity}.")
+        drop = self.max_clean_drop
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
+            raise ConfigError(f"TuneConfig.max_clean_drop must be points in [0, 100); got {drop!r}.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TuneConfig:
+        return config_from_dict(cls, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """The chosen setting and the whole grid it was chosen from (accuracies in [0, 1]);
+    ``bn_depth``/``bn_prior`` are None when keeping the deployed statistics won."""
+
+    bn_stats: bool
+    bn_depth: float | None
+    bn_prior: float | None
+    clean: float
+    shifted: Mapping[str, float]
+    significant: tuple[str, ...]
+    gap_floor: float
+    grid: tuple[Mapping[str, Any], ...]
+    images: Mapping[str, int]
+    config: TuneConfig
+
+    def settings(self) -> dict[str, Any]:
+        """What ``adapt`` takes from the bundle."""
+        if not self.bn_stats:
+            return {"bn_stats": False}
+        return {"bn_stats": True, "bn_depth": self.bn_depth, "bn_prior": self.bn_prior}
+
+    def chosen(self) -> Mapping[str, Any]:
+        return next(row for row in self.grid if _key(row) == (self.bn_stats, self.bn_depth, self.bn_prior))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings(),
+            "rule": (f"largest mean recovery over the significant shifts with a mean clean drop "
+                     f"<= {self.config.max_clean_drop:g} points (AdaBN alone; keeping the deployed "
+                     "statistics scores 0 at 0 points)"),
+            "chosen": dict(self.chosen()), "clean": self.clean, "shifted": dict(self.shifted),
+            "significant": list(self.significant), "gap_floor": self.gap_floor,
+            "grid": [dict(row) for row in self.grid], "images": dict(self.images),
+            "config": config_to_dict(self.config),
+        }
+
+
+def probe_split(data: ImageDataset, config: TuneConfig) -> dict[str, np.ndarray]:
+    """Class-balanced probe halves (adapt, eval) and a bank from the rest of ``data``."""
+    if data.labels is None:
+        raise DataError(f"{data.source} has no labels; tuning scores kNN accuracy, so it needs "
+                        "labeled clean images (class subfolders, an .npz with y, or CIFAR batches).")
+    count = len(data)
+    if count < config.probe_images + MIN_BANK:
+        raise DataError(f"{data.source} has {count} labeled images; tuning needs probe_images "
+                        f"({config.probe_images}) + {MIN_BANK} for the kNN bank. Use more images or "
+                        "a smaller probe_images.")
+    labels = np.asarray(data.labels).astype(np.int64)
+    probe = np.flatnonzero(split_mask(count, labels, config.probe_images / count, config.seed))
+    rest = np.flatnonzero(~np.isin(np.arange(count), probe))
+    bank = np.sort(np.random.default_rng(config.seed).permutation(rest)[: config.bank_images])
+    evaluate = split_mask(len(probe), labels[probe], 0.5, config.seed + 1)
+    adapt_idx, eval_idx = probe[~evaluate], probe[evaluate]
+    return {"adapt_x": data.images[adapt_idx], "eval_x": data.images[eval_idx],
+            "eval_y": labels[eval_idx], "bank_x": data.images[bank], "bank_y": labels[bank]}
+
+
+def gap_floor(clean: float, images: int) -> float:
+    """Two standard errors of a kNN accuracy on ``images``: smaller gaps are mostly noise."""
+    return float(2 * np.sqrt(clean * (1 - clean) / images))
+
+
+def score(rows: Mapping[str, Mapping[str, float]], clean: float, significant: list[str]) -> dict[str, float]:
+    """Mean recovery over the ``significant`` shifts and mean clean drop (points) of one setting."""
+    recovery = [(rows[n]["adapted"] - rows[n]["shifted"]) / (clean - rows[n]["shifted"]) for n in significant]
+    drops = [100 * (clean - r["clean_after"]) for r in rows.values()]
+    return {"recovery_significant": float(np.mean(recovery)), "clean_drop_pts": float(np.mean(drops))}
+
+
+def _key(row: Mapping[str, Any]) -> tuple[bool, float | None, float | None]:
+    return row["bn_stats"], row["bn_depth"], row["bn_prior"]
+
+
+def choose(grid: list[dict[str, Any]], max_clean_drop: float) -> dict[str, Any]:
+    """The grid row with the largest recovery within the clean budget; fewer points lost
+    breaks ties. The grid's keep-the-deployed-statistics row (0 at 0) always fits."""
+    fits = [row for row in grid if row["clean_drop_pts"] <= max_clean_drop + 1e-9]
+    return max(fits, key=lambda r: (r["recovery_significant"], -r["clean_drop_pts"]))
+
+
+def tune_bn_settings(
+    encoder: Any, data: ImageDataset, config: TuneConfig = TuneConfig(),
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Score AdaBN alone at every (depth, prior) of the grid on each corruption; choose by
+    :func:`choose`. One statistics pass per corruption and depth: a prior only blends the
+    measured statistics with the deployed ones, as :func:`reestimate_bn_stats` does."""
+    import torch
+
+    from edge_ssl.adapt_bn import (
+        batch_norms,
+        blend_bn_statistics,
+        bn_statistics,
+        reestimate_bn_stats,
+    )
+    from edge_ssl.adapt_step import iterate_batches
+    from edge_ssl.corruptions import corrupt
+    from edge_ssl.device import resolve_device
+    from edge_ssl.evaluate import embed, knn_top1
+
+    say = progress or (lambda message: None)
+    device = resolve_device(config.device)
+    base = copy.deepcopy(encoder).to(device).eval()
+    if not list(batch_norms(base)):
+        raise ConfigError("this encoder has no BatchNorm layer with running statistics; there are "
+                          "no BN settings to tune (adaptation runs its gradient steps alone).")
+    split = probe_split(data, config)
+    dev = str(device)
+    bank = embed(base, split["bank_x"], batch_size=config.batch_size, device=dev)
+    classes = int(max(split["bank_y"].max(), split["eval_y"].max())) + 1
+
+    def knn(model: Any, images: np.ndarray) -> float:
+        emb = embed(model, images, batch_size=config.batch_size, device=dev)
+        return float(knn_top1(bank, split["bank_y"], emb, split["eval_y"], k=config.knn_k, num_classes=classes))
+
+    clean = knn(base, split["eval_x"])
+    floor = gap_floor(clean, len(split["eval_x"]))
+    say(f"clean kNN {clean:.3f} on {len(split['eval_x'])} probe images, bank {len(bank)}")
+    source = bn_statistics(base)
+    cells: dict[tuple[float, float], dict[str, dict[str, float]]] = {}
+    shifted: dict[str, float] = {}
+    for name in config.corruptions:
+        adapt_x = corrupt(split["adapt_x"], name, config.severity, seed=config.seed)
+        eval_x = corrupt(split["eval_x"], name, config.severity, seed=config.seed + 1)
+        shifted[name] = knn(base, eval_x)
+        say(f"{name}: shifted {shifted[name]:.3f}")
+        for depth in config.depths:
+            work = copy.deepcopy(base)
+            with torch.no_grad():
+                reestimate_bn_stats(work, iterate_batches(adapt_x, config.batch_size, device, work.spec.input),
+                                    prior=0.0, depth=depth)
+            measured = bn_statistics(work)
+            for prior in config.priors:
+                blend_bn_statistics(work, measured, source, depth=depth, prior=prior)
+                cells.setdefault((depth, prior), {})[name] = {
+                    "shifted": shifted[name], "adapted": knn(work, eval_x),
+                    "clean_after": knn(work, split["eval_x"])}
+    significant = [n for n in config.corruptions if clean - shifted[n] > floor]
+    if not significant:
+        raise DataError(
+            f"none of {', '.join(config.corruptions)} lowers this encoder's kNN accuracy by more "
+            f"than the noise floor ({100 * floor:.1f} points on {len(split['eval_x'])} probe images), "
+            "so there is nothing to tune on; raise probe_images or keep the default settings.")
+    grid = [{"bn_stats": False, "bn_depth": None, "bn_prior": None, "recovery_significant": 0.0,
+             "clean_drop_pts": 0.0, "corruptions": {n: {"adapted": shifted[n], "clean_after": clean}
+                                                    for n in config.corruptions}}]
+    for (depth, prior), rows in cells.items():
+        stats = score(rows, clean, significant)
+        grid.append({"bn_stats": True, "bn_depth": depth, "bn_prior": prior, **stats,
+                     "corruptions": {n: {"adapted": r["adapted"], "clean_after": r["clean_after"]}
+                                     for n, r in rows.items()}})
+        say(f"depth {depth:g} prior {prior:g}: recovery {stats['recovery_significant']:.3f}, "
+            f"clean drop {stats['clean_drop_pts']:.2f} points")
+    best = choose(grid, config.max_clean_drop)
+    return TuneResult(
+        bn_stats=best["bn_stats"], bn_depth=best["bn_depth"], bn_prior=best["bn_prior"], clean=clean,
+        shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),
+        images={"adapt": len(split["adapt_x"]), "eval": len(split["eval_x"]), "bank": len(bank)},
+        config=config)
+
+
+def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool = False) -> Bundle:
+    """A copy of ``bundle`` (every file, same manifest fields) with ``adapt_settings.json``
+    and an ``adapt-tune`` lineage entry; written atomically, the input is never touched."""
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise BundleError(f"--out {out} is the input bundle; tuning writes a new bundle.")
+    check_bundle_out(out, overwrite=overwrite)
+    manifest = bundle.manifest
+    payload = {"source": "edge-ssl adapt-tune", **result.to_dict()}
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        for name in manifest.files:
+            if name != SETTINGS_FILE:
+                writer.copy_file(name, bundle.file(name))
+        writer.write_json(SETTINGS_FILE, payload)
+        lineage = bundle.child_lineage("adapt-tune", {
+            "settings": result.settings(),
+            "chosen": {k: v for k, v in result.chosen().items() if k != "corruptions"},
+            "config": config_to_dict(result.config), "images": dict(result.images)})
+        return writer.commit(name=out.name.removesuffix(".edge"), encoder=manifest.encoder,
+                             lineage=lineage, precision=manifest.precision, metrics=manifest.metrics)
+
+
+def settings_file(bundle: Bundle) -> Path | None:
+    """``adapt_settings.json`` of ``bundle`` or, for a quantized bundle, of its float parent."""
+    for holder in (bundle, find_float_ancestor(bundle)):
+        if holder is not None and holder.has(SETTINGS_FILE):
+            return holder.file(SETTINGS_FILE)
+    return None
+
+
+def bundle_adapt_settings(bundle: Bundle) -> dict[str, Any]:
+    """The BN settings recorded by ``adapt-tune`` in ``bundle`` or, for a quantized bundle,
+    in the float parent adaptation trains; {} when there are none."""
+    path = settings_file(bundle)
+    if path is None:
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        if values["bn_stats"] not in (True, False) or set(values) - set(TUNED_FIELDS):
+            raise ValueError(f"expected bn_stats true/false and at most {', '.join(TUNED_FIELDS)}")
+        settings = {"bn_stats": values["bn_stats"]}
+        if values["bn_stats"]:
+            settings.update({key: float(values[key]) for key in ("bn_depth", "bn_prior")})
+        AdaptConfig(**settings)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise BundleError(f"{path} is not a valid adapt-tune record ({type(exc).__name__}: {exc}); "
+                          "re-run edge-ssl adapt-tune, or adapt the untuned parent.") from exc
+    return settings
+
+
+def adapt_config_for(bundle: Bundle, settings: Mapping[str, Any]) -> AdaptConfig:
+    """The adaptation config of ``bundle``: its tuned BN settings, then ``settings`` on top.
+    Setting any of ``bn_stats``, ``bn_depth``, ``bn_prior`` explicitly replaces the record
+    whole (a ``bn_prior`` given for a record that says ``bn_stats`` false must not vanish)."""
+    tuned = {} if any(key in settings for key in TUNED_FIELDS) else bundle_adapt_settings(bundle)
+    return AdaptConfig.from_dict({**tuned, **settings})
