@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -53,11 +54,13 @@ def adapt_tune(
     dataset = load_images(data_source(data), limit=limit)
     console = stderr_console()
     console.print(f"data: {dataset.source} ({len(dataset)} images)")
+    started = time.perf_counter()
     result = tune_bn_settings(load_encoder(weights), dataset, config,
                               progress=None if as_json else console.print)
     tuned = write_tuned(source, result, out, overwrite=overwrite)
     if as_json:
-        emit_json({"bundle": str(tuned.path), **result.to_dict()})
+        emit_json({"bundle": str(tuned.path), "seconds": round(time.perf_counter() - started, 1),
+                   **result.to_dict()})
         return
     chosen = result.chosen()
     if result.bn_stats:
