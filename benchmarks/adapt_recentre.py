@@ -1,7 +1,7 @@
 """Does aligning the final embedding with the source help kNN after AdaBN? (forward only)
 
 TTT++-style feature alignment (Liu et al. 2021) pulls the target embedding distribution
-towards the source's. Before building it into the gradient steps, this measures its ceiling
+towards the source's. Before building it into the gradient steps, this measures a version
 without gradients: after AdaBN (the bundle's or the package's ``bn_depth``/``bn_prior``),
 the embeddings of the eval images are moved by the difference between the mean embedding of
 the (corrupted) adapt images and the mean of the clean bank (``mean``), half of it
