@@ -72,7 +72,10 @@ class TuneConfig:
             raise ConfigError("TuneConfig.depths and .priors each need at least one value.")
         for depth in self.depths:
             for prior in self.priors:  # the same checks adapt applies to each pair
-                AdaptConfig(bn_depth=depth, bn_prior=prior)
+                try:
+                    AdaptConfig(bn_depth=depth, bn_prior=prior)
+                except ConfigError as exc:
+                    raise ConfigError(f"TuneConfig.depths/priors: {exc}") from exc
         for name, low in (("severity", 1), ("probe_images", 20), ("bank_images", MIN_BANK),
                           ("knn_k", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
@@ -136,7 +139,7 @@ def probe_split(data: ImageDataset, config: TuneConfig) -> dict[str, np.ndarray]
     if count < config.probe_images + MIN_BANK:
         raise DataError(f"{data.source} has {count} labeled images; tuning needs probe_images "
                         f"({config.probe_images}) + {MIN_BANK} for the kNN bank. Use more images or "
-                        "a smaller probe_images.")
+                        "a smaller --probe-images.")
     labels = np.asarray(data.labels).astype(np.int64)
     probe = np.flatnonzero(split_mask(count, labels, config.probe_images / count, config.seed))
     rest = np.flatnonzero(~np.isin(np.arange(count), probe))
