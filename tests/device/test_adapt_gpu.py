@@ -42,3 +42,18 @@ def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path, ali
     assert adapt_metrics["memory_measure"] == "cuda max_memory_allocated"
     assert adapt_metrics["peak_step_mb"] > 0 and result.steps_done == 3
     assert all(("align" in log) == bool(align_weight) for log in result.history)
+
+
+def test_cuda_tuning_matches_the_cpu_choice_grid():
+    """adapt-tune on CUDA scores the same grid as on CPU, to within kNN ties (forward passes only)."""
+    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings
+    from edge_ssl.data import embedded_default
+
+    encoder = create_encoder("resnet18_cifar", width=0.25)
+    small = {"corruptions": ("gaussian_noise",), "depths": (0.5, 1.0), "priors": (0.5, 0.9),
+             "probe_images": 200, "bank_images": 600}
+    on_gpu = tune_bn_settings(encoder, embedded_default(), TuneConfig(device="cuda", **small))
+    on_cpu = tune_bn_settings(encoder, embedded_default(), TuneConfig(device="cpu", **small))
+    assert on_gpu.clean == pytest.approx(on_cpu.clean, abs=0.02)
+    for gpu_row, cpu_row in zip(on_gpu.grid, on_cpu.grid, strict=True):
+        assert gpu_row["clean_drop_pts"] == pytest.approx(cpu_row["clean_drop_pts"], abs=2.0)
