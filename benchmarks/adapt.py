@@ -227,7 +227,9 @@ def tradeoff_table(by_prior: dict[float, dict[str, dict]], clean: float,
 def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str, float | None]:
     """Means over corruptions; ``recovery_frac_significant`` only over shifts larger than two
     standard errors of the accuracy (a 1-2 point gap makes the ratio mostly noise)."""
-    floor = 2 * np.sqrt(clean * (1 - clean) / eval_images)
+    from edge_ssl.adapt_tune import gap_floor
+
+    floor = gap_floor(clean, eval_images)
     ratios = {n: (r["adapted"] - r["shifted"]) / (clean - r["shifted"])
               for n, r in rows.items() if clean - r["shifted"] > 0.005}
     significant = [v for n, v in ratios.items() if clean - rows[n]["shifted"] > floor]
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         **parse_key_values(args.opt, "--opt")})
     args.bn_priors = priors_to_measure(args.bn_priors, config.bn_prior)
     split = load_split(args.data, args.quick)
-    deployed = load_encoder(args.bundle)
+    deployed = load_encoder(bundle)
     bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
     parts = [split, swap_halves(split)] if args.swap_halves else [split]
     folds, prior_folds, cleans = [], [], []

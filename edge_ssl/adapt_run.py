@@ -356,7 +356,7 @@ def run_adaptation(
     from edge_ssl.adapt_export import export_artifacts
     from edge_ssl.adapt_tune import SETTINGS_FILE, settings_file
 
-    tuned = settings_file(deployed)  # the next adaptation of the result uses the same settings
+    tuned = settings_file(deployed, weights)  # the next adaptation of the result uses them too
     with export_artifacts(encoder_cpu, deployed, export) as (extra_files, export_info):
         if tuned is not None:
             extra_files = {**extra_files, SETTINGS_FILE: tuned}

@@ -94,12 +94,10 @@ class TuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TuneResult:
-    """The chosen setting and the whole grid it was chosen from (accuracies in [0, 1]);
+    """The chosen grid row and the whole grid it was chosen from (accuracies in [0, 1]);
     ``bn_depth``/``bn_prior`` are None when keeping the deployed statistics won."""
 
-    bn_stats: bool
-    bn_depth: float | None
-    bn_prior: float | None
+    choice: Mapping[str, Any]
     clean: float
     shifted: Mapping[str, float]
     significant: tuple[str, ...]
@@ -108,14 +106,23 @@ class TuneResult:
     images: Mapping[str, int]
     config: TuneConfig
 
+    @property
+    def bn_stats(self) -> bool:
+        return bool(self.choice["bn_stats"])
+
+    @property
+    def bn_depth(self) -> float | None:
+        return self.choice["bn_depth"]
+
+    @property
+    def bn_prior(self) -> float | None:
+        return self.choice["bn_prior"]
+
     def settings(self) -> dict[str, Any]:
         """What ``adapt`` takes from the bundle."""
         if not self.bn_stats:
             return {"bn_stats": False}
         return {"bn_stats": True, "bn_depth": self.bn_depth, "bn_prior": self.bn_prior}
-
-    def chosen(self) -> Mapping[str, Any]:
-        return next(row for row in self.grid if _key(row) == (self.bn_stats, self.bn_depth, self.bn_prior))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,7 +130,7 @@ class TuneResult:
             "rule": (f"largest mean recovery over the significant shifts with a mean clean drop "
                      f"<= {self.config.max_clean_drop:g} points (AdaBN alone; keeping the deployed "
                      "statistics scores 0 at 0 points)"),
-            "chosen": dict(self.chosen()), "clean": self.clean, "shifted": dict(self.shifted),
+            "chosen": dict(self.choice), "clean": self.clean, "shifted": dict(self.shifted),
             "significant": list(self.significant), "gap_floor": self.gap_floor,
             "grid": [dict(row) for row in self.grid], "images": dict(self.images),
             "config": config_to_dict(self.config),
@@ -141,8 +148,8 @@ def probe_split(data: ImageDataset, config: TuneConfig) -> dict[str, np.ndarray]
                         f"({config.probe_images}) + {MIN_BANK} for the kNN bank. Use more images or "
                         "a smaller --probe-images.")
     labels = np.asarray(data.labels).astype(np.int64)
-    probe = np.flatnonzero(split_mask(count, labels, config.probe_images / count, config.seed))
-    rest = np.flatnonzero(~np.isin(np.arange(count), probe))
+    in_probe = split_mask(count, labels, config.probe_images / count, config.seed)
+    probe, rest = np.flatnonzero(in_probe), np.flatnonzero(~in_probe)
     bank = np.sort(np.random.default_rng(config.seed).permutation(rest)[: config.bank_images])
     evaluate = split_mask(len(probe), labels[probe], 0.5, config.seed + 1)
     adapt_idx, eval_idx = probe[~evaluate], probe[evaluate]
@@ -160,10 +167,6 @@ def score(rows: Mapping[str, Mapping[str, float]], clean: float, significant: li
     recovery = [(rows[n]["adapted"] - rows[n]["shifted"]) / (clean - rows[n]["shifted"]) for n in significant]
     drops = [100 * (clean - r["clean_after"]) for r in rows.values()]
     return {"recovery_significant": float(np.mean(recovery)), "clean_drop_pts": float(np.mean(drops))}
-
-
-def _key(row: Mapping[str, Any]) -> tuple[bool, float | None, float | None]:
-    return row["bn_stats"], row["bn_depth"], row["bn_prior"]
 
 
 def choose(grid: list[dict[str, Any]], max_clean_drop: float) -> dict[str, Any]:
@@ -227,9 +230,11 @@ def tune_bn_settings(
             measured = bn_statistics(work)
             for prior in config.priors:
                 blend_bn_statistics(work, measured, source, depth=depth, prior=prior)
-                cells.setdefault((depth, prior), {})[name] = {
+                cell = cells.setdefault((depth, prior), {})[name] = {
                     "shifted": shifted[name], "adapted": knn(work, eval_x),
                     "clean_after": knn(work, split["eval_x"])}
+                say(f"{name} depth {depth:g} prior {prior:g}: adapted {cell['adapted']:.3f}, "
+                    f"clean {cell['clean_after']:.3f}")
     significant = [n for n in config.corruptions if clean - shifted[n] > floor]
     if not significant:
         raise DataError(
@@ -246,9 +251,8 @@ def tune_bn_settings(
                                      for n, r in rows.items()}})
         say(f"depth {depth:g} prior {prior:g}: recovery {stats['recovery_significant']:.3f}, "
             f"clean drop {stats['clean_drop_pts']:.2f} points")
-    best = choose(grid, config.max_clean_drop)
     return TuneResult(
-        bn_stats=best["bn_stats"], bn_depth=best["bn_depth"], bn_prior=best["bn_prior"], clean=clean,
+        choice=choose(grid, config.max_clean_drop), clean=clean,
         shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),
         images={"adapt": len(split["adapt_x"]), "eval": len(split["eval_x"]), "bank": len(bank)},
         config=config)
@@ -270,18 +274,19 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
         writer.write_json(SETTINGS_FILE, payload)
         lineage = bundle.child_lineage("adapt-tune", {
             "settings": result.settings(),
-            "chosen": {k: v for k, v in result.chosen().items() if k != "corruptions"},
+            "chosen": {k: v for k, v in result.choice.items() if k != "corruptions"},
             "config": config_to_dict(result.config), "images": dict(result.images)})
         return writer.commit(name=out.name.removesuffix(".edge"), encoder=manifest.encoder,
                              lineage=lineage, precision=manifest.precision, metrics=manifest.metrics)
 
 
-def settings_file(bundle: Bundle) -> Path | None:
-    """``adapt_settings.json`` of ``bundle`` or, for a quantized bundle, of its float parent."""
-    for holder in (bundle, find_float_ancestor(bundle)):
-        if holder is not None and holder.has(SETTINGS_FILE):
-            return holder.file(SETTINGS_FILE)
-    return None
+def settings_file(bundle: Bundle, weights: Bundle | None = None) -> Path | None:
+    """``adapt_settings.json`` of ``bundle`` or, for a quantized bundle, of its float parent
+    (``weights`` when the caller already found it; looked up only when needed)."""
+    if bundle.has(SETTINGS_FILE):
+        return bundle.file(SETTINGS_FILE)
+    holder = weights or find_float_ancestor(bundle)
+    return holder.file(SETTINGS_FILE) if holder is not None and holder.has(SETTINGS_FILE) else None
 
 
 def bundle_adapt_settings(bundle: Bundle) -> dict[str, Any]:

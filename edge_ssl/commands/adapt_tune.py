@@ -55,14 +55,13 @@ def adapt_tune(
     console = stderr_console()
     console.print(f"data: {dataset.source} ({len(dataset)} images)")
     started = time.perf_counter()
-    result = tune_bn_settings(load_encoder(weights), dataset, config,
-                              progress=None if as_json else console.print)
+    result = tune_bn_settings(load_encoder(weights), dataset, config, progress=console.print)  # stderr
     tuned = write_tuned(source, result, out, overwrite=overwrite)
     if as_json:
         emit_json({"bundle": str(tuned.path), "seconds": round(time.perf_counter() - started, 1),
                    **result.to_dict()})
         return
-    chosen = result.chosen()
+    chosen = result.choice
     if result.bn_stats:
         console.print(f"chosen: bn_depth {result.bn_depth:g}, bn_prior {result.bn_prior:g} "
                       f"(recovery {chosen['recovery_significant']:.2f} over {', '.join(result.significant)}; "
