@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure BN re-estimation alone at these priors (the trade-off "
                              "between recovery and clean accuracy); default: 0, 0.25, 0.5, 0.75 and "
                              "the run's bn_prior; none to skip")
+    parser.add_argument("--replay", type=int, default=0,
+                        help="clean replay images for --opt replay_weight=W, drawn from the train bank "
+                             "(never the test images scored); default 0")
     parser.add_argument("--swap-halves", action="store_true",
                         help="also adapt on the second half and score on the first, then pool the "
                              "accuracies of both (twice the scored images and the time)")
@@ -104,6 +107,15 @@ def load_split(data: Path, quick: bool) -> dict[str, np.ndarray]:
             "eval_y": y[half : half + size], "bank_x": bank_x, "bank_y": bank_y}
 
 
+def replay_from_bank(split: dict[str, np.ndarray], count: int, seed: int) -> np.ndarray:
+    """``count`` clean replay images drawn at random from the train bank: never one of the
+    test images the benchmark scores."""
+    if count > len(split["bank_x"]):
+        raise SystemExit(f"--replay {count}: the bank has only {len(split['bank_x'])} images.")
+    pick = np.random.default_rng(seed).choice(len(split["bank_x"]), count, replace=False)
+    return split["bank_x"][np.sort(pick)]
+
+
 def swap_halves(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same split with the adapt and eval halves exchanged."""
     return {**split, "adapt_x": split["eval_x"], "adapt_y": split["eval_y"],
@@ -137,8 +149,9 @@ def knn(encoder, bank_emb, bank_y, images, labels, k, device) -> float:
     return float(knn_top1(bank_emb, bank_y, emb, labels, k=k, num_classes=10))
 
 
-def memory_ratio(encoder, plan, images, config) -> dict[str, float]:
-    """Adaptation step peak / full fine-tuning step peak at the plan's batch (same measure)."""
+def memory_ratio(encoder, plan, images, config, replay=None) -> dict[str, float]:
+    """Adaptation step peak / full fine-tuning step peak at the plan's batch (same measure).
+    A step with replay images also runs a batch of them; the full fine-tuning step does not."""
     from edge_ssl.adapt_plan import measure_configuration
 
     batch = plan["batch_size"]
@@ -146,7 +159,8 @@ def memory_ratio(encoder, plan, images, config) -> dict[str, float]:
     full = measure_configuration(encoder, "full", images, targets, config, batch=batch)
     ours = measure_configuration(encoder, plan["trainable"], images, targets, config, batch=batch,
                                  checkpointing=plan["checkpointing"],
-                                 block_bytes_per_image=full.largest_block / batch)
+                                 block_bytes_per_image=full.largest_block / batch,
+                                 replay=None if replay is None else (replay[:batch], targets[:len(replay[:batch])]))
     return {"adapt_step_mb": ours.peak_mb, "full_step_mb": full.peak_mb,
             "ratio": ours.peak_bytes / full.peak_bytes}
 
@@ -162,7 +176,7 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     shifted = knn(deployed, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
     started = time.perf_counter()
     result = adapt(args.bundle, ImageDataset(adapt_x, None, None, f"{name}-{args.severity}"),
-                   workdir / f"{name}.edge", config, export="never")
+                   workdir / f"{name}.edge", config, export="never", replay=split.get("replay_x"))
     seconds = time.perf_counter() - started
     adapted_encoder = load_encoder(result.bundle)
     return {
@@ -275,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         **parse_key_values(args.opt, "--opt")})
     args.bn_priors = priors_to_measure(args.bn_priors, config.bn_prior)
     split = load_split(args.data, args.quick)
+    if args.replay:
+        split["replay_x"] = replay_from_bank(split, args.replay, args.seed)
     deployed = load_encoder(bundle)
     bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
     parts = [split, swap_halves(split)] if args.swap_halves else [split]
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_images = len(split["eval_x"]) * len(parts)
     rows = pool(folds)
     first = folds[0][args.corruptions[0]]
-    memory = memory_ratio(deployed, first["plan"], first["_images"], config)
+    replay = split.get("replay_x") if config.replay_weight > 0 else None
+    memory = memory_ratio(deployed, first["plan"], first["_images"], config, replay)
     report = {
         "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "corruptions": {n: {k: v for k, v in r.items() if k != "_images"} for n, r in rows.items()},
@@ -313,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainable": first["plan"]["trainable"], "checkpointing": first["plan"]["checkpointing"],
         "settings": {"severity": args.severity, "quick": args.quick, "steps": steps,
                      "adapt_images": len(split["adapt_x"]), "eval_images": eval_images,
-                     "swap_halves": args.swap_halves,
+                     "swap_halves": args.swap_halves, "replay_images": args.replay,
                      "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
                      "bank": "clean train images, embedded once by the deployed model",
                      "config": {k: v for k, v in vars(config).items()},

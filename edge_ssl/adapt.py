@@ -127,6 +127,7 @@ def adapt(
     profile_memory_gb: float | None = None,
     export: str = "auto",
     progress: Callable[[AdaptEvent], None] | None = None,
+    replay: np.ndarray | None = None,
 ) -> AdaptResult:
     """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
 
@@ -134,7 +135,9 @@ def adapt(
     the memory budget allows, guarded against collapse and drift; the bundle is written
     atomically at the end (an interrupted run leaves only ``OUT.ckpt/``, for ``--resume``).
     ``export``: 'auto' re-exports ONNX (and refits TensorRT engines) when the input bundle
-    had them, 'always', or 'never'. ``config`` is used as given: build it with
+    had them, 'always', or 'never'. ``replay``: clean uint8 (N, H, W, 3) images for the
+    ``replay_weight`` term (never the local images); by default the bundle's own
+    (``adapt_replay.npz``, written by ``edge-ssl adapt-tune``). ``config`` is used as given: build it with
     ``edge_ssl.adapt_tune.adapt_config_for`` to start from the BN settings that
     ``edge-ssl adapt-tune`` recorded in the bundle, as the CLI does.
     """
@@ -143,10 +146,29 @@ def adapt(
     deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
     if export not in ("auto", "always", "never"):
         raise BundleError(f"export must be auto, always or never; got {export!r}.")
+    replay = check_replay(replay, config, deployed, weights)
     return run_adaptation(
         deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
         profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
+        replay=replay,
     )
+
+
+def check_replay(replay: np.ndarray | None, config: AdaptConfig, deployed: Bundle,
+                 weights: Bundle) -> np.ndarray | None:
+    """The replay images a run uses: ``replay``, else the bundle's ``adapt_replay.npz``; None
+    when ``replay_weight`` is 0. DataError when the weight needs images and there are none."""
+    if config.replay_weight <= 0:
+        return None
+    from edge_ssl.adapt_replay import check_replay_images, load_replay
+
+    if replay is None:
+        replay = load_replay(deployed, weights)
+    if replay is None:
+        raise DataError("replay_weight > 0 needs clean replay images: a bundle from edge-ssl adapt-tune "
+                        "(adapt_replay.npz), --replay-data or adapt(..., replay=); none were given. "
+                        "Use replay_weight=0 without them.")
+    return check_replay_images(replay, "replay")
 
 
 def deployment_name(bundle: Bundle) -> str:

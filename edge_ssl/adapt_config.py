@@ -53,6 +53,10 @@ class AdaptConfig:
       deployed statistics: the source statistics every BN network carries (ActMAD, Mirza et
       al. 2023, without a source pass). With it, those layers keep the deployed statistics
       after the steps instead of carrying the step change (the steps moved the inputs there).
+    - ``replay_weight``: weight of a term that keeps the embeddings of a few clean *replay*
+      images (shipped with the bundle or given to ``adapt``; never the local images) at the
+      deployed model's embeddings of them, under the adapted statistics: experience replay
+      against forgetting, as in continual test-time adaptation. Needs replay images; 0 = off.
     - ``select``: EATA-style sample selection: skip images whose deployed embedding is
       within cosine ``select_threshold`` of the running mean of the ones already used.
     - guard: every ``guard_every`` steps on a held-back ``holdout_frac`` of the images;
@@ -73,6 +77,7 @@ class AdaptConfig:
     distill_weight: float = 1.0
     distill_to: str = "bn-adapted"
     align_weight: float = 0.0
+    replay_weight: float = 0.0
     bn_stats: bool = True
     bn_prior: float = 0.5
     bn_depth: float = 0.75
@@ -100,7 +105,8 @@ class AdaptConfig:
             _integer(owner, name, getattr(self, name), 1)
         _integer(owner, "batch_size", self.batch_size, MIN_BATCH)
         _integer(owner, "seed", self.seed, 0)
-        for name in ("lr", "weight_decay", "ssl_weight", "distill_weight", "align_weight"):
+        for name in ("lr", "weight_decay", "ssl_weight", "distill_weight", "align_weight",
+                     "replay_weight"):
             _number(owner, name, getattr(self, name), 0.0, None)
         _number(owner, "bn_prior", self.bn_prior, 0.0, 0.999)
         _number(owner, "bn_depth", self.bn_depth, 0.0, 1.0)
@@ -115,9 +121,9 @@ class AdaptConfig:
             raise ConfigError("AdaptConfig.align_weight needs BN layers that keep the deployed "
                               "statistics: bn_depth < 1, or bn_stats=false.")
         if (self.ssl_weight == 0 and self.distill_weight == 0 and self.align_weight == 0
-                and self.trainable != "bn-stats"):
+                and self.replay_weight == 0 and self.trainable != "bn-stats"):
             raise ConfigError(
-                "AdaptConfig: ssl_weight, distill_weight and align_weight are all 0, so gradient steps "
+                "AdaptConfig: ssl_weight, distill_weight, align_weight and replay_weight are all 0, so gradient steps "
                 "have no objective; set one > 0 or use trainable='bn-stats'."
             )
         if not isinstance(self.bn_stats, bool) or not isinstance(self.select, bool):

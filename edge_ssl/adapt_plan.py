@@ -76,8 +76,11 @@ def measure_configuration(
     batch: int,
     checkpointing: bool = False,
     block_bytes_per_image: float = 0.0,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepMemory:
-    """Step memory of ``trainable`` at ``batch`` on a copy of ``encoder`` (the encoder is untouched)."""
+    """Step memory of ``trainable`` at ``batch`` on a copy of ``encoder`` (the encoder is untouched).
+
+    ``replay``: clean replay images and targets; a step then also runs ``batch`` of them."""
     device = next(encoder.parameters()).device
     work = copy.deepcopy(encoder)
     apply_trainables(work, trainable, lora_rank=config.lora_rank)
@@ -92,7 +95,9 @@ def measure_configuration(
         enable_checkpointing(blocks)
 
     def loss_fn(size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        loss, _, inputs = step_loss(method, views, images[:size], targets[:size], config, device)
+        sample = None if replay is None else (replay[0][:size], replay[1][:size])
+        loss, _, inputs = step_loss(method, views, images[:size], targets[:size], config, device,
+                                    sample)
         return loss, inputs
 
     try:
@@ -143,16 +148,17 @@ def static_bytes(encoder: nn.Module, trainable: str, config: AdaptConfig) -> Ste
 def _candidate(
     encoder: nn.Module, trainable: str, images: np.ndarray, targets: np.ndarray,
     config: AdaptConfig, budget_bytes: float, checkpointing: bool, block_bytes_per_image: float = 0.0,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Candidate:
     fixed = static_bytes(encoder, trainable, config)
     if fixed.model_bytes > budget_bytes:  # no batch can fit: skip the (slow) measurement
         return Candidate(trainable, checkpointing, MemoryFit(fixed.model_bytes, 0.0), 0, fixed)
     small = measure_configuration(encoder, trainable, images, targets, config, batch=MIN_BATCH,
                                   checkpointing=checkpointing,
-                                  block_bytes_per_image=block_bytes_per_image)
+                                  block_bytes_per_image=block_bytes_per_image, replay=replay)
     large = measure_configuration(encoder, trainable, images, targets, config, batch=2 * MIN_BATCH,
                                   checkpointing=checkpointing,
-                                  block_bytes_per_image=block_bytes_per_image)
+                                  block_bytes_per_image=block_bytes_per_image, replay=replay)
     fit = fit_memory(small, large)
     return Candidate(trainable, checkpointing, fit, fit.largest_batch(budget_bytes, config.batch_size),
                      large)
@@ -166,8 +172,12 @@ def plan_adaptation(
     *,
     budget_mb: float,
     budget_source: str,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> AdaptPlan:
     """Measure the candidate subsets (``auto``: AUTO_ORDER) and take the first that fits.
+
+    ``replay`` (clean images, deployed embeddings): each step also runs as many of them as
+    local images, so the plan measures them too.
 
     Checkpointing is tried for a subset whose plain step does not fit (``auto``), always
     (``on``) or never (``off``). Raises ConfigError naming the minimum budget when none fits.
@@ -176,16 +186,20 @@ def plan_adaptation(
     budget = budget_mb * MIB
     probe = max(2 * MIN_BATCH, 8)
     images, targets = images[:probe], targets[:probe]
+    if replay is not None:
+        take = np.arange(probe) % len(replay[0])
+        replay = (replay[0][take], replay[1][take])
     tried: list[Candidate] = []
     for kind in kinds:
-        plain = _candidate(encoder, kind, images, targets, config, budget, checkpointing=False)
+        plain = _candidate(encoder, kind, images, targets, config, budget, checkpointing=False,
+                           replay=replay)
         options = [] if config.checkpointing == "on" and kind != "bn-stats" else [plain]
         needs = config.checkpointing == "on" or (
             config.checkpointing == "auto" and plain.batch < MIN_BATCH and plain.fit.per_image > 0)
         if needs and kind != "bn-stats":
             per_image = plain.memory.largest_block / plain.memory.batch
             options.append(_candidate(encoder, kind, images, targets, config, budget, True,
-                                      block_bytes_per_image=per_image))
+                                      block_bytes_per_image=per_image, replay=replay))
         tried.extend(options)
         fitting = [c for c in options if c.batch >= MIN_BATCH]
         if fitting:

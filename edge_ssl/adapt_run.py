@@ -66,12 +66,16 @@ class AdaptRun:
     """State of one run; ``train()`` then ``finish()``. Not reused across runs."""
 
     def __init__(self, encoder: torch.nn.Module, data: ImageDataset, out: Path, config: AdaptConfig,
-                 device: torch.device, progress: Callable[[AdaptEvent], None]) -> None:
+                 device: torch.device, progress: Callable[[AdaptEvent], None],
+                 replay: np.ndarray | None = None) -> None:
         self.encoder, self.data, self.out, self.config = encoder, data, out, config
         self.device, self.progress = device, progress
         self.images = data.images
         self.train_idx, self.hold_idx = split_holdout(len(data), config)
         self.targets = embed(encoder, self.images, batch_size=_EMBED_BATCH, device=str(device))
+        self.replay: tuple[np.ndarray, np.ndarray] | None = None  # (clean images, deployed embeddings)
+        if replay is not None and config.replay_weight > 0:
+            self.replay = (replay, embed(encoder, replay, batch_size=_EMBED_BATCH, device=str(device)))
         self.distill_targets = self.targets  # replaced after the statistics pass (distill_to)
         self.health_before = embedding_health(self.targets[self.hold_idx])
         self.source_bn = bn_statistics(encoder)  # the deployed statistics every bn_prior mix keeps
@@ -100,7 +104,8 @@ class AdaptRun:
         self.progress(AdaptEvent("plan", 0, self.config.steps, message="measuring step memory"))
         self.plan = plan_adaptation(self.encoder, self.images[self.train_idx],
                                     self.targets[self.train_idx], self.config,
-                                    budget_mb=budget_mb, budget_source=budget_source)
+                                    budget_mb=budget_mb, budget_source=budget_source,
+                                    replay=self.replay)
         self._build(self.plan.trainable, self.plan.checkpointing, self.plan.batch_size)
         self.good_state = self._encoder_state()
 
@@ -161,6 +166,15 @@ class AdaptRun:
         self.history.append(logs)
         self.progress(AdaptEvent("step", self.step, steps, loss=logs["loss"], batch=len(index)))
 
+    def _replay_batch(self, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``size`` replay images and their targets for this step (seeded, so --resume repeats it)."""
+        if self.replay is None:
+            return None
+        images, targets = self.replay
+        rng = np.random.default_rng((self.config.seed, self.step, 1))
+        pick = np.sort(rng.choice(len(images), size, replace=len(images) < size))
+        return images[pick], targets[pick]
+
     def _forward_backward(self, index: np.ndarray) -> dict[str, float]:
         started = time.perf_counter()
         cuda = self.device.type == "cuda"
@@ -168,7 +182,7 @@ class AdaptRun:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss, logs, _ = step_loss(self.method, self.views, self.images[index], self.distill_targets[index],
-                                  self.config, self.device)
+                                  self.config, self.device, self._replay_batch(len(index)))
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"adaptation loss became {float(loss)} at step {self.step + 1}; lower --lr "
@@ -233,6 +247,7 @@ class AdaptRun:
             "step_seconds": self.step_seconds, "peak_step_mb": self.peak_step_mb,
             "distill_targets": torch.from_numpy(np.ascontiguousarray(self.distill_targets)),
             "deep_before": self.deep_before,
+            "replay": None if self.replay is None else data_fingerprint(self.replay[0]),
         }
 
     def save_checkpoint(self) -> None:
@@ -290,8 +305,9 @@ class AdaptRun:
         return held, mean_cosine(held, self.targets[self.hold_idx])
 
 
-def load_checkpoint(path: Path, config: AdaptConfig, images: np.ndarray) -> dict[str, Any]:
-    """Read and check an adaptation checkpoint: same data and same settings (steps may differ)."""
+def load_checkpoint(path: Path, config: AdaptConfig, images: np.ndarray,
+                    replay: np.ndarray | None = None) -> dict[str, Any]:
+    """Read and check an adaptation checkpoint: same data, replay images and settings (steps may differ)."""
     import pickle
 
     try:
@@ -304,6 +320,9 @@ def load_checkpoint(path: Path, config: AdaptConfig, images: np.ndarray) -> dict
     if state["fingerprint"] != data_fingerprint(images):
         raise CheckpointError(f"{path} was written for other local images (fingerprint "
                               f"{state['fingerprint']}); resume with the same --data.")
+    used = replay if replay is not None and config.replay_weight > 0 else None
+    if state.get("replay") != (None if used is None else data_fingerprint(used)):
+        raise CheckpointError(f"{path} was written with other replay images; resume with the same ones.")
     ours = {k: v for k, v in config_to_dict(config).items() if k != "steps"}
     theirs = {k: v for k, v in state["settings"].items() if k != "steps"}
     if ours != theirs:
@@ -316,17 +335,17 @@ def load_checkpoint(path: Path, config: AdaptConfig, images: np.ndarray) -> dict
 def run_adaptation(
     deployed: Bundle, weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, *,
     resume: bool, overwrite: bool, profile_memory_gb: float | None, export: str,
-    progress: Callable[[AdaptEvent], None],
+    progress: Callable[[AdaptEvent], None], replay: np.ndarray | None = None,
 ) -> AdaptResult:
     """The stage body behind :func:`edge_ssl.adapt.adapt` (inputs already checked)."""
     from edge_ssl.models import count_parameters, load_encoder
 
     device = _resolve_device(config.device)
-    state = load_checkpoint(checkpoint_path(out), config, data.images) if resume else None
+    state = load_checkpoint(checkpoint_path(out), config, data.images, replay) if resume else None
     torch.manual_seed(config.seed)
     encoder = load_encoder(weights).to(device)
     check_alignment(encoder, config)
-    run = AdaptRun(encoder, data, out, config, device, progress)
+    run = AdaptRun(encoder, data, out, config, device, progress, replay)
     if state is None:
         budget, source = (config.budget_mb, "--budget-mb") if config.budget_mb else default_budget_mb(
             profile_memory_gb=profile_memory_gb, device_type=device.type)
@@ -352,14 +371,17 @@ def run_adaptation(
     settings = lineage_settings(config, data, run.plan.to_dict(), {
         "steps_done": run.step, "peak_step_mb": adapt_metrics["peak_step_mb"],
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],
-        "device": str(device), "resumed": resume, "parent_with_weights": str(weights.path)})
+        "device": str(device), "resumed": resume, "parent_with_weights": str(weights.path),
+        "replay": None if run.replay is None else {"images": len(run.replay[0]),
+                                                    "fingerprint": data_fingerprint(run.replay[0])}})
     from edge_ssl.adapt_export import export_artifacts
+    from edge_ssl.adapt_replay import REPLAY_FILE, replay_file
     from edge_ssl.adapt_tune import SETTINGS_FILE, settings_file
 
-    tuned = settings_file(deployed, weights)  # the next adaptation of the result uses them too
+    # the next adaptation of the result uses the same settings and replay images
+    carried = {SETTINGS_FILE: settings_file(deployed, weights), REPLAY_FILE: replay_file(deployed, weights)}
     with export_artifacts(encoder_cpu, deployed, export) as (extra_files, export_info):
-        if tuned is not None:
-            extra_files = {**extra_files, SETTINGS_FILE: tuned}
+        extra_files = {**extra_files, **{name: path for name, path in carried.items() if path is not None}}
         adapt_metrics["export"] = export_info
         metrics = {"params": count_parameters(encoder_cpu), "adapt": adapt_metrics,
                    **_export_metrics(deployed, export_info, extra_files)}

@@ -14,7 +14,7 @@ from edge_ssl.adapt_bn import kept_batch_norms
 from edge_ssl.adapt_config import AdaptConfig
 from edge_ssl.errors import ConfigError
 from edge_ssl.methods import SSLMethod, create_method
-from edge_ssl.tensors import eval_transform, images_to_tensor
+from edge_ssl.tensors import eval_transform, images_to_tensor, preprocess
 
 
 def build_method(encoder: nn.Module, config: AdaptConfig) -> SSLMethod:
@@ -87,6 +87,14 @@ def alignment_term(encoder: nn.Module, layers: list[nn.Module], batch: torch.Ten
     return torch.stack(terms).mean()
 
 
+def replay_term(encoder: nn.Module, images: np.ndarray, targets: np.ndarray,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean 1 - cos of the clean replay images' embeddings to the deployed model's, input)."""
+    batch = preprocess(images, encoder.spec.input, device)
+    target = torch.from_numpy(targets).to(device)
+    return 1.0 - F.cosine_similarity(encoder(batch), target.float(), dim=1).mean(), batch
+
+
 def step_loss(
     method: SSLMethod,
     views: nn.Module,
@@ -94,8 +102,12 @@ def step_loss(
     targets: np.ndarray,
     config: AdaptConfig,
     device: torch.device,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
-    """The adaptation loss of one batch of uint8 images; (loss, logs, input tensors)."""
+    """The adaptation loss of one batch of uint8 images; (loss, logs, input tensors).
+
+    ``replay``: (clean replay images, their deployed embeddings), used when ``replay_weight`` > 0.
+    """
     batch = images_to_tensor(images, device)
     plain = eval_transform(batch, method.encoder.spec.input) if config.align_weight > 0 else None
     x1, x2 = views(batch)
@@ -109,6 +121,11 @@ def step_loss(
         loss = loss + config.align_weight * align
         logs["align"] = float(align.detach())
         inputs.append(plain)
+    if replay is not None and config.replay_weight > 0:
+        term, replay_batch = replay_term(method.encoder, *replay, device)
+        loss = loss + config.replay_weight * term
+        logs["replay"] = float(term.detach())
+        inputs.append(replay_batch)
     logs["loss"] = float(loss.detach())
     return loss, logs, inputs
 
@@ -187,8 +204,6 @@ def iterate_batches(
     images: np.ndarray, batch: int, device: torch.device, spec: object
 ) -> Iterator[torch.Tensor]:
     """Normalized, resized eval batches of ``images`` (for the BN statistics pass)."""
-    from edge_ssl.tensors import preprocess
-
     for start in range(0, len(images), batch):
         yield preprocess(images[start : start + batch], spec, device)  # type: ignore[arg-type]
 

@@ -4,6 +4,8 @@ held-out synthetic shifts of labeled clean images, and record them in the bundle
 The package defaults (depth 0.75, prior 0.5) were chosen for the SimCLR ResNet-18 teacher;
 a pruned student tolerates less re-estimation (its clean accuracy falls faster). Tuning
 runs on the server, where labels exist; the device then adapts with the bundle's settings.
+The tuned bundle also carries clean replay images (``edge_ssl.adapt_replay``) and the step
+settings that use them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_ssl.adapt_config import AdaptConfig
+from edge_ssl.adapt_config import MIN_BATCH, AdaptConfig
 from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out, find_float_ancestor
 from edge_ssl.config import config_from_dict, config_to_dict
 from edge_ssl.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
@@ -27,6 +29,8 @@ from edge_ssl.errors import BundleError, ConfigError, DataError
 #: The bundle file ``edge-ssl adapt`` reads its per-bundle BN settings from.
 SETTINGS_FILE = "adapt_settings.json"
 TUNED_FIELDS = ("bn_stats", "bn_depth", "bn_prior")
+#: Step settings a record may hold (with replay images; see edge_ssl.adapt_replay).
+STEP_FIELDS = ("align_weight", "replay_weight")
 #: Fewest labeled images left for the kNN bank after the probe is taken out.
 MIN_BANK = 100
 
@@ -46,6 +50,9 @@ class TuneConfig:
     - ``probe_images`` labeled images are held out of the kNN bank: one half is corrupted
       and adapted on (labels unused), the other half scored; at most ``bank_images`` of the
       rest form the bank.
+    - ``replay_images``: clean images from the bank (class-balanced) shipped in the bundle as
+      ``adapt_replay.npz``, with the replay step settings (``REPLAY_STEP_SETTINGS``); 0 ships
+      none and records BN settings only.
     """
 
     corruptions: tuple[str, ...] = VALIDATION_CORRUPTIONS
@@ -55,6 +62,7 @@ class TuneConfig:
     max_clean_drop: float = 0.5
     probe_images: int = 2000
     bank_images: int = 10000
+    replay_images: int = 1000
     knn_k: int = 20
     batch_size: int = 128
     device: str = "auto"
@@ -77,10 +85,13 @@ class TuneConfig:
                 except ConfigError as exc:
                     raise ConfigError(f"TuneConfig.depths/priors: {exc}") from exc
         for name, low in (("severity", 1), ("probe_images", 20), ("bank_images", MIN_BANK),
-                          ("knn_k", 1), ("batch_size", 1), ("seed", 0)):
+                          ("knn_k", 1), ("batch_size", 1), ("seed", 0), ("replay_images", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"TuneConfig.{name} must be an integer >= {low}; got {value!r}.")
+        if 0 < self.replay_images < MIN_BATCH:
+            raise ConfigError(f"TuneConfig.replay_images must be 0 (none) or >= {MIN_BATCH}; "
+                              f"got {self.replay_images}.")
         if self.severity > 5:
             raise ConfigError(f"TuneConfig.severity must be 1..5; got {self.severity}.")
         drop = self.max_clean_drop
@@ -105,6 +116,7 @@ class TuneResult:
     grid: tuple[Mapping[str, Any], ...]
     images: Mapping[str, int]
     config: TuneConfig
+    replay: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def bn_stats(self) -> bool:
@@ -119,10 +131,18 @@ class TuneResult:
         return self.choice["bn_prior"]
 
     def settings(self) -> dict[str, Any]:
-        """What ``adapt`` takes from the bundle."""
-        if not self.bn_stats:
-            return {"bn_stats": False}
-        return {"bn_stats": True, "bn_depth": self.bn_depth, "bn_prior": self.bn_prior}
+        """What ``adapt`` takes from the bundle: the BN setting, and with replay images the
+        replay step settings (alignment only where some BN layers keep the deployed statistics)."""
+        from edge_ssl.adapt_replay import REPLAY_STEP_SETTINGS
+
+        bn: dict[str, Any] = {"bn_stats": False} if not self.bn_stats else {
+            "bn_stats": True, "bn_depth": self.bn_depth, "bn_prior": self.bn_prior}
+        if self.replay is None:
+            return bn
+        steps = dict(REPLAY_STEP_SETTINGS)
+        if self.bn_stats and self.bn_depth == 1:
+            steps["align_weight"] = 0.0
+        return {**bn, **steps}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,7 +152,8 @@ class TuneResult:
                      "statistics scores 0 at 0 points)"),
             "chosen": dict(self.choice), "clean": self.clean, "shifted": dict(self.shifted),
             "significant": list(self.significant), "gap_floor": self.gap_floor,
-            "grid": [dict(row) for row in self.grid], "images": dict(self.images),
+            "grid": [dict(row) for row in self.grid],
+            "images": {**self.images, "replay": 0 if self.replay is None else len(self.replay)},
             "config": config_to_dict(self.config),
         }
 
@@ -154,7 +175,8 @@ def probe_split(data: ImageDataset, config: TuneConfig) -> dict[str, np.ndarray]
     evaluate = split_mask(len(probe), labels[probe], 0.5, config.seed + 1)
     adapt_idx, eval_idx = probe[~evaluate], probe[evaluate]
     return {"adapt_x": data.images[adapt_idx], "eval_x": data.images[eval_idx],
-            "eval_y": labels[eval_idx], "bank_x": data.images[bank], "bank_y": labels[bank]}
+            "eval_y": labels[eval_idx], "bank_x": data.images[bank], "bank_y": labels[bank],
+            "rest_x": data.images[rest], "rest_y": labels[rest]}
 
 
 def gap_floor(clean: float, images: int) -> float:
@@ -251,16 +273,23 @@ def tune_bn_settings(
                                      for n, r in rows.items()}})
         say(f"depth {depth:g} prior {prior:g}: recovery {stats['recovery_significant']:.3f}, "
             f"clean drop {stats['clean_drop_pts']:.2f} points")
+    from edge_ssl.adapt_replay import sample_replay
+
+    replay = (sample_replay(split["rest_x"], split["rest_y"], config.replay_images, config.seed)
+              if config.replay_images else None)  # never the probe the grid was scored on
     return TuneResult(
         choice=choose(grid, config.max_clean_drop), clean=clean,
         shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),
         images={"adapt": len(split["adapt_x"]), "eval": len(split["eval_x"]), "bank": len(bank)},
-        config=config)
+        config=config, replay=replay)
 
 
 def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool = False) -> Bundle:
-    """A copy of ``bundle`` (every file, same manifest fields) with ``adapt_settings.json``
-    and an ``adapt-tune`` lineage entry; written atomically, the input is never touched."""
+    """A copy of ``bundle`` (every file, same manifest fields) with ``adapt_settings.json``,
+    the replay images when the result has them (``adapt_replay.npz``) and an ``adapt-tune``
+    lineage entry; written atomically, the input is never touched."""
+    from edge_ssl.adapt_replay import REPLAY_FILE, replay_bytes
+
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise BundleError(f"--out {out} is the input bundle; tuning writes a new bundle.")
@@ -269,9 +298,11 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
     payload = {"source": "edge-ssl adapt-tune", **result.to_dict()}
     with BundleWriter(out, overwrite=overwrite) as writer:
         for name in manifest.files:
-            if name != SETTINGS_FILE:
+            if name not in (SETTINGS_FILE, REPLAY_FILE):  # both replaced by this tuning
                 writer.copy_file(name, bundle.file(name))
         writer.write_json(SETTINGS_FILE, payload)
+        if result.replay is not None:
+            writer.write_bytes(REPLAY_FILE, replay_bytes(result.replay))
         lineage = bundle.child_lineage("adapt-tune", {
             "settings": result.settings(),
             "chosen": {k: v for k, v in result.choice.items() if k != "corruptions"},
@@ -290,18 +321,21 @@ def settings_file(bundle: Bundle, weights: Bundle | None = None) -> Path | None:
 
 
 def bundle_adapt_settings(bundle: Bundle) -> dict[str, Any]:
-    """The BN settings recorded by ``adapt-tune`` in ``bundle`` or, for a quantized bundle,
-    in the float parent adaptation trains; {} when there are none."""
+    """The settings recorded by ``adapt-tune`` in ``bundle`` or, for a quantized bundle,
+    in the float parent adaptation trains (BN, and with replay images the step weights);
+    {} when there are none."""
     path = settings_file(bundle)
     if path is None:
         return {}
     try:
         values = json.loads(path.read_text(encoding="utf-8"))["settings"]
-        if values["bn_stats"] not in (True, False) or set(values) - set(TUNED_FIELDS):
-            raise ValueError(f"expected bn_stats true/false and at most {', '.join(TUNED_FIELDS)}")
+        if values["bn_stats"] not in (True, False) or set(values) - {*TUNED_FIELDS, *STEP_FIELDS}:
+            raise ValueError(f"expected bn_stats true/false and at most "
+                             f"{', '.join((*TUNED_FIELDS, *STEP_FIELDS))}")
         settings = {"bn_stats": values["bn_stats"]}
         if values["bn_stats"]:
             settings.update({key: float(values[key]) for key in ("bn_depth", "bn_prior")})
+        settings.update({key: float(values[key]) for key in STEP_FIELDS if key in values})
         AdaptConfig(**settings)
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise BundleError(f"{path} is not a valid adapt-tune record ({type(exc).__name__}: {exc}); "
@@ -310,8 +344,11 @@ def bundle_adapt_settings(bundle: Bundle) -> dict[str, Any]:
 
 
 def adapt_config_for(bundle: Bundle, settings: Mapping[str, Any]) -> AdaptConfig:
-    """The adaptation config of ``bundle``: its tuned BN settings, then ``settings`` on top.
-    Setting any of ``bn_stats``, ``bn_depth``, ``bn_prior`` explicitly replaces the record
-    whole (a ``bn_prior`` given for a record that says ``bn_stats`` false must not vanish)."""
-    tuned = {} if any(key in settings for key in TUNED_FIELDS) else bundle_adapt_settings(bundle)
+    """The adaptation config of ``bundle``: its recorded settings, then ``settings`` on top.
+    Setting any of ``bn_stats``, ``bn_depth``, ``bn_prior`` explicitly replaces the recorded BN
+    setting whole (a ``bn_prior`` given for a record that says ``bn_stats`` false must not
+    vanish); recorded step weights are replaced one by one."""
+    tuned = bundle_adapt_settings(bundle)
+    if any(key in settings for key in TUNED_FIELDS):
+        tuned = {key: value for key, value in tuned.items() if key in STEP_FIELDS}
     return AdaptConfig.from_dict({**tuned, **settings})

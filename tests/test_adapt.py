@@ -103,9 +103,9 @@ def test_distillation_targets_follow_distill_to_and_are_checkpointed(parent, tmp
     seen, states = [], []
     real_loss = adapt_run.step_loss
 
-    def spy(method, views, images, targets, config, device):
+    def spy(method, views, images, targets, config, device, *rest):
         seen.append(targets.copy())
-        return real_loss(method, views, images, targets, config, device)
+        return real_loss(method, views, images, targets, config, device, *rest)
 
     monkeypatch.setattr(adapt_run, "step_loss", spy)
     monkeypatch.setattr(adapt_run.AdaptRun, "save_checkpoint", lambda run: states.append(run.checkpoint_state()))

@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from edge_ssl.adapt import adapt
 from edge_ssl.adapt_bn import blend_bn_statistics, bn_statistics, reestimate_bn_stats
+from edge_ssl.adapt_replay import REPLAY_FILE
 from edge_ssl.adapt_step import iterate_batches
 from edge_ssl.adapt_tune import (
     SETTINGS_FILE,
+    STEP_FIELDS,
     TuneConfig,
     adapt_config_for,
     bundle_adapt_settings,
@@ -98,7 +100,7 @@ def test_tunes_on_the_grid_and_records_the_choice(parent, tuned):
                                                                    best["bn_prior"])
     assert result.images == {"adapt": 100, "eval": 100, "bank": 600}
     # the tuned bundle: every file of the parent unchanged, plus the settings and a lineage entry
-    assert set(bundle.manifest.files) == set(parent.manifest.files) | {SETTINGS_FILE}
+    assert set(bundle.manifest.files) == set(parent.manifest.files) | {SETTINGS_FILE, REPLAY_FILE}
     assert bundle.manifest.files["model.pt"] == parent.manifest.files["model.pt"]
     assert bundle.manifest.lineage[-1].stage == "adapt-tune"
     assert bundle.manifest.lineage[-1].parent == parent.manifest_sha256
@@ -129,7 +131,11 @@ def test_cli_tunes_and_adapt_picks_it_up(parent, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["settings"] in ({"bn_stats": True, "bn_depth": 1.0, "bn_prior": 0.6}, {"bn_stats": False})
+    bn = {k: v for k, v in report["settings"].items() if k not in STEP_FIELDS}
+    assert bn in ({"bn_stats": True, "bn_depth": 1.0, "bn_prior": 0.6}, {"bn_stats": False})
+    # replay images shipped: replay on; alignment only where some BN layers keep the deployed statistics
+    assert report["settings"]["replay_weight"] == 1.0
+    assert report["settings"]["align_weight"] == (0.0 if bn["bn_stats"] else 1.0)
     again = runner.invoke(app, args)  # an existing OUT is never replaced silently
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
     adapted = tmp_path / "a.edge"

@@ -95,3 +95,19 @@ def test_recentring_moves_the_target_embedding_statistics_to_the_source():
     matched = shift(emb, "meanstd", target, source)
     np.testing.assert_allclose(matched.mean(0), source[0], atol=1e-12)
     np.testing.assert_allclose(matched.std(0), source[1])
+
+
+def test_replay_images_come_from_the_bank_and_never_from_the_test_halves():
+    from adapt import replay_from_bank
+
+    rng = np.random.default_rng(0)
+    split = {"adapt_x": rng.integers(0, 255, (8, 4, 4, 3), dtype=np.uint8),
+             "eval_x": rng.integers(0, 255, (8, 4, 4, 3), dtype=np.uint8),
+             "bank_x": np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=3),
+             "bank_y": np.repeat(np.arange(4), 10)}
+    replay = replay_from_bank(split, 8, seed=0)
+    drawn = replay[:, 0, 0, 0]
+    assert len(set(drawn.tolist())) == 8 and set(drawn.tolist()) <= set(range(40))  # bank images only
+    assert np.array_equal(replay, replay_from_bank(split, 8, seed=0))  # seeded
+    with pytest.raises(SystemExit, match="only 40"):
+        replay_from_bank(split, 41, seed=0)

@@ -45,6 +45,9 @@ def adapt(
     opt: Annotated[list[str] | None, typer.Option(help="Any AdaptConfig KEY=VALUE, e.g. bn_prior=0.2 (repeatable).")] = None,
     export: Annotated[str, typer.Option(help="Re-export model.onnx: auto (when the input had one), always, never.")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
+    replay_data: Annotated[Path | None, typer.Option(
+        help="Clean images for replay_weight (default: the bundle's adapt_replay.npz from adapt-tune). "
+        "Host runs only.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop or power cut.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
     as_json: JsonOpt = False,
@@ -64,6 +67,9 @@ def adapt(
     if target is not None and train_on == "device":
         if not data:
             raise typer.BadParameter("--train-on device needs --data: the images' path on the device.")
+        if replay_data is not None:
+            raise typer.BadParameter("--replay-data is for host runs; on the device the bundle's own replay "
+                                     "images are used (edge-ssl adapt-tune ships them in adapt_replay.npz).")
         _adapt_on_device(bundle, target, out, list(data), profile, device_python, device_timeout,
                          _pass_through(settings, opt, limit), resume=resume, overwrite=overwrite,
                          as_json=as_json)
@@ -71,11 +77,12 @@ def adapt(
     memory_gb = _profile_memory_gb(profile, target)
     config = _with_bundle_settings(bundle, settings, config)
     dataset = load_images(data_source(data), limit=limit)
+    replay = load_images(str(replay_data)).images if replay_data is not None else None
     console = stderr_console()
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
     result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
                        profile_memory_gb=memory_gb, export="always" if target and export == "auto" else export,
-                       progress=_printer(console, as_json))
+                       progress=_printer(console, as_json), replay=replay)
     report = result.to_dict()
     if target is not None:
         report["deploy"] = _deploy(result.bundle.path, target, bundle, profile)

@@ -30,6 +30,8 @@ def adapt_tune(
                                                     "speckle_noise,gaussian_blur,saturate).")] = None,
     probe_images: Annotated[int, typer.Option(help="Labeled images held out of the kNN bank (half adapted "
                                               "on, half scored).")] = 2000,
+    replay_images: Annotated[int, typer.Option(help="Clean images (not the probe) shipped as adapt_replay.npz "
+                                               "for replay during adaptation; 0 for none.")] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     opt: Annotated[list[str] | None, typer.Option(help="Any TuneConfig KEY=VALUE, e.g. priors=[0.5,0.7] (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
@@ -37,13 +39,15 @@ def adapt_tune(
     as_json: JsonOpt = False,
 ) -> None:
     """Pick bn_depth and bn_prior for `edge-ssl adapt` from labeled clean images: AdaBN alone on
-    synthetic shifts, the most recovery within the clean budget; `adapt` then uses them."""
+    synthetic shifts, the most recovery within the clean budget; ship clean replay images with
+    the replay step settings; `adapt` then uses them."""
     from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings, write_tuned
     from edge_ssl.bundle import Bundle, check_bundle_out, require_float_weights
     from edge_ssl.data import load_images
     from edge_ssl.models import load_encoder
 
     values = {"max_clean_drop": max_clean_drop, "probe_images": probe_images, "device": device,
+              "replay_images": replay_images,
               **({"corruptions": tuple(c.strip() for c in corruptions.split(",") if c.strip())}
                  if corruptions else {}),
               **parse_key_values(opt, "--opt")}
@@ -70,4 +74,8 @@ def adapt_tune(
         console.print(f"[yellow]chosen: keep the deployed BN statistics (bn_stats false): every "
                       f"re-estimation lost accuracy on {', '.join(result.significant)} or cost more than "
                       f"{config.max_clean_drop:g} clean points.[/yellow]")
-    console.print(f"wrote {tuned.path}; `edge-ssl adapt` uses these settings unless --opt sets bn_stats, bn_depth or bn_prior.")
+    if result.replay is not None:
+        console.print(f"replay: {len(result.replay)} clean images in adapt_replay.npz, with "
+                      f"align_weight {result.settings()['align_weight']:g} and replay_weight "
+                      f"{result.settings()['replay_weight']:g}")
+    console.print(f"wrote {tuned.path}; `edge-ssl adapt` uses these settings unless --opt sets them.")

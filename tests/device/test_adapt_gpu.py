@@ -30,18 +30,20 @@ def test_byte_model_tracks_cuda_max_allocated(trainable):
     assert 1 / 1.6 < ratio < 1.6, memory.to_dict()
 
 
-@pytest.mark.parametrize("align_weight", [0.0, 1.0])
-def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path, align_weight):
+@pytest.mark.parametrize("align_weight, replay_weight", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
+def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path, align_weight, replay_weight):
     encoder = create_encoder("resnet18_cifar", width=0.25)
     parent = write_encoder_bundle(tmp_path / "p.edge", encoder, lineage=())
     data = ImageDataset(_images(), None, None, "random")
+    replay = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     result = adapt(parent, data, tmp_path / "a.edge",
                    AdaptConfig(trainable="lora", steps=3, batch_size=8, device="cuda",
-                               align_weight=align_weight))
+                               align_weight=align_weight, replay_weight=replay_weight), replay=replay)
     adapt_metrics = result.bundle.manifest.metrics["adapt"]
     assert adapt_metrics["memory_measure"] == "cuda max_memory_allocated"
     assert adapt_metrics["peak_step_mb"] > 0 and result.steps_done == 3
     assert all(("align" in log) == bool(align_weight) for log in result.history)
+    assert all(("replay" in log) == bool(replay_weight) for log in result.history)
 
 
 def test_cuda_tuning_matches_the_cpu_choice_grid():
