@@ -50,9 +50,11 @@ class TuneConfig:
     - ``probe_images`` labeled images are held out of the kNN bank: one half is corrupted
       and adapted on (labels unused), the other half scored; at most ``bank_images`` of the
       rest form the bank.
-    - ``replay_images``: clean images from the bank (class-balanced) shipped in the bundle as
-      ``adapt_replay.npz``, with the replay step settings (``REPLAY_STEP_SETTINGS``); 0 ships
-      none and records BN settings only.
+    - ``replay_images``: clean images from outside the probe (class-balanced) shipped in the
+      bundle as ``adapt_replay.npz``, with the replay step settings (``REPLAY_STEP_SETTINGS``);
+      0 ships none and records BN settings only. At most ``replay_max_mb`` MiB of them, so large
+      images do not bloat what a deploy uploads (1,000 CIFAR images are 3 MiB; at 224x224 the
+      default cap keeps 222).
     """
 
     corruptions: tuple[str, ...] = VALIDATION_CORRUPTIONS
@@ -63,6 +65,7 @@ class TuneConfig:
     probe_images: int = 2000
     bank_images: int = 10000
     replay_images: int = 1000
+    replay_max_mb: float = 32.0
     knn_k: int = 20
     batch_size: int = 128
     device: str = "auto"
@@ -94,6 +97,9 @@ class TuneConfig:
                               f"got {self.replay_images}.")
         if self.severity > 5:
             raise ConfigError(f"TuneConfig.severity must be 1..5; got {self.severity}.")
+        cap = self.replay_max_mb
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+            raise ConfigError(f"TuneConfig.replay_max_mb must be a positive number of MiB; got {cap!r}.")
         drop = self.max_clean_drop
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
             raise ConfigError(f"TuneConfig.max_clean_drop must be points in [0, 100); got {drop!r}.")
@@ -275,8 +281,15 @@ def tune_bn_settings(
             f"clean drop {stats['clean_drop_pts']:.2f} points")
     from edge_ssl.adapt_replay import sample_replay
 
-    replay = (sample_replay(split["rest_x"], split["rest_y"], config.replay_images, config.seed)
-              if config.replay_images else None)  # never the probe the grid was scored on
+    replay = None
+    if config.replay_images:  # never the probe the grid was scored on
+        fits = int(config.replay_max_mb * (1 << 20) // split["rest_x"][0].nbytes)
+        count = min(config.replay_images, fits)
+        if count >= MIN_BATCH:
+            replay = sample_replay(split["rest_x"], split["rest_y"], count, config.seed)
+        else:
+            say(f"replay: one image is {split['rest_x'][0].nbytes / (1 << 20):.1f} MiB, so "
+                f"replay_max_mb {config.replay_max_mb:g} holds fewer than {MIN_BATCH}; none shipped")
     return TuneResult(
         choice=choose(grid, config.max_clean_drop), clean=clean,
         shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),

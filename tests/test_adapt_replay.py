@@ -192,3 +192,24 @@ def test_cli_takes_replay_data_on_the_host_and_refuses_it_for_device_training(pa
     device = runner.invoke(app, [*common, "--out", str(tmp_path / "c.edge"), "--replay-data", str(clean),
                                  "--on", "local"])
     assert device.exit_code != 0 and "host runs" in device.output
+
+
+def test_adapt_tune_caps_the_replay_images_by_size(parent):
+    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings
+    from edge_ssl.data import embedded_default
+
+    digits = embedded_default()
+    small = {"corruptions": ("gaussian_noise",), "depths": (0.5,), "priors": (0.5,), "probe_images": 200,
+             "bank_images": 600, "device": "cpu"}
+    per_image = digits.images[0].nbytes
+    capped = tune_bn_settings(load_encoder(parent), digits,
+                              TuneConfig(replay_max_mb=10 * per_image / (1 << 20), **small))
+    assert capped.replay is not None and len(capped.replay) == 10
+    assert capped.settings()["replay_weight"] == 1.0
+    none = tune_bn_settings(load_encoder(parent), digits,
+                            TuneConfig(replay_max_mb=2 * per_image / (1 << 20), **small))
+    assert none.replay is None and "replay_weight" not in none.settings()
+    with pytest.raises(ConfigError, match="replay_max_mb"):
+        TuneConfig(replay_max_mb=0)
+    with pytest.raises(ConfigError, match="replay_images"):
+        TuneConfig(replay_images=2)
