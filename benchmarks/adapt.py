@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_images = len(split["eval_x"]) * len(parts)
     rows = pool(folds)
     first = folds[0][args.corruptions[0]]
-    replay = split.get("replay_x") if config.replay_weight > 0 else None
+    replay = None
+    if config.replay_weight > 0:  # --replay, else the bundle's own images (adapt() used them)
+        from edge_ssl.adapt_replay import load_replay
+
+        replay = split["replay_x"] if "replay_x" in split else load_replay(bundle)
     memory = memory_ratio(deployed, first["plan"], first["_images"], config, replay)
     report = {
         "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainable": first["plan"]["trainable"], "checkpointing": first["plan"]["checkpointing"],
         "settings": {"severity": args.severity, "quick": args.quick, "steps": steps,
                      "adapt_images": len(split["adapt_x"]), "eval_images": eval_images,
-                     "swap_halves": args.swap_halves, "replay_images": args.replay,
+                     "swap_halves": args.swap_halves, "replay_images": 0 if replay is None else len(replay),
                      "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
                      "bank": "clean train images, embedded once by the deployed model",
                      "config": {k: v for k, v in vars(config).items()},
