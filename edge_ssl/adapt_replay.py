@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ssl.adapt_config import MIN_BATCH
 from edge_ssl.bundle import Bundle, find_float_ancestor
 from edge_ssl.errors import BundleError, DataError
 
@@ -26,9 +27,7 @@ REPLAY_STEP_SETTINGS = {"align_weight": 1.0, "replay_weight": 1.0}
 
 
 def check_replay_images(images: object, source: str) -> np.ndarray:
-    """``images`` as uint8 (N, H, W, 3) with N >= 4 (one step's smallest batch), else DataError."""
-    from edge_ssl.adapt_config import MIN_BATCH
-
+    """``images`` as uint8 (N, H, W, 3) with N >= MIN_BATCH (one step's smallest batch), else DataError."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
             or images.shape[-1] != 3:
         kind = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
