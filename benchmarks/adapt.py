@@ -18,6 +18,9 @@ peak_mem_ratio <= 0.35. --quick: 500 + 500 test images, a 1,000-image bank, 10 s
 --swap-halves also adapts on the second half and scores the first (every score still on images
 the run never adapted on); each accuracy is then the mean over both folds, i.e. over twice the
 scored images, and ``folds`` holds each fold's summary.
+A bundle from ``edge-ssl adapt-tune`` brings its settings and replay images, which the run
+applies as ``edge-ssl adapt`` does; ``--replay N`` instead draws N clean replay images from the
+train bank (for ``--opt replay_weight=W``), never from the test images scored.
 """
 
 from __future__ import annotations
