@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH
-from edge_ssl.bundle import Bundle, find_float_ancestor
+from edge_ssl.bundle import Bundle, own_or_float_parent_file
 from edge_ssl.errors import BundleError, DataError
 
 REPLAY_FILE = "adapt_replay.npz"
@@ -39,18 +40,35 @@ def check_replay_images(images: object, source: str) -> np.ndarray:
 
 def sample_replay(images: np.ndarray, labels: np.ndarray | None, count: int, seed: int) -> np.ndarray:
     """``count`` images spread evenly over the classes (or at random without labels), sorted."""
-    if count >= len(images):
-        return images.copy()
+    return images[replay_indices(len(images), labels, count, seed)]
+
+
+def replay_indices(total: int, labels: np.ndarray | None, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``count`` of ``total`` images, spread evenly over ``labels``' classes."""
+    if count >= total:
+        return np.arange(total)
     rng = np.random.default_rng(seed)
     if labels is None:
-        return images[np.sort(rng.choice(len(images), count, replace=False))]
-    order = rng.permutation(len(images))
-    rank = np.empty(len(images), np.int64)  # position of each image within its class, in `order`
+        return np.sort(rng.choice(total, count, replace=False))
+    order = rng.permutation(total)
+    rank = np.empty(total, np.int64)  # position of each image within its class, in `order`
     for value in np.unique(labels):
         members = order[labels[order] == value]
         rank[members] = np.arange(len(members))
-    chosen = order[np.argsort(rank[order], kind="stable")[:count]]
-    return images[np.sort(chosen)]
+    return np.sort(order[np.argsort(rank[order], kind="stable")[:count]])
+
+
+def choose_replay(images: np.ndarray, pool: np.ndarray, labels: np.ndarray | None, count: int,
+                  max_mb: float, seed: int, say: Callable[[str], None]) -> np.ndarray | None:
+    """Up to ``count`` images of ``images[pool]`` (class-balanced by ``labels``, one per pool
+    entry) within ``max_mb`` MiB; None, said, when fewer than MIN_BATCH fit."""
+    per_image = images[0].nbytes
+    fits = min(count, int(max_mb * (1 << 20) // per_image))
+    if fits < MIN_BATCH:
+        say(f"replay: one image is {per_image / (1 << 20):.1f} MiB, so {max_mb:g} MiB holds fewer "
+            f"than {MIN_BATCH}; none shipped")
+        return None
+    return images[pool[replay_indices(len(pool), labels, fits, seed)]]
 
 
 def replay_bytes(images: np.ndarray) -> bytes:
@@ -62,10 +80,7 @@ def replay_bytes(images: np.ndarray) -> bytes:
 
 def replay_file(bundle: Bundle, weights: Bundle | None = None) -> Path | None:
     """``adapt_replay.npz`` of ``bundle`` or, for a quantized bundle, of its float parent."""
-    if bundle.has(REPLAY_FILE):
-        return bundle.file(REPLAY_FILE)
-    holder = weights or find_float_ancestor(bundle)
-    return holder.file(REPLAY_FILE) if holder is not None and holder.has(REPLAY_FILE) else None
+    return own_or_float_parent_file(bundle, REPLAY_FILE, weights)
 
 
 def load_replay(bundle: Bundle, weights: Bundle | None = None) -> np.ndarray | None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH, AdaptConfig
-from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out, find_float_ancestor
+from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out, own_or_float_parent_file
 from edge_ssl.config import config_from_dict, config_to_dict
 from edge_ssl.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from edge_ssl.data import ImageDataset, split_mask
@@ -182,7 +182,7 @@ def probe_split(data: ImageDataset, config: TuneConfig) -> dict[str, np.ndarray]
     adapt_idx, eval_idx = probe[~evaluate], probe[evaluate]
     return {"adapt_x": data.images[adapt_idx], "eval_x": data.images[eval_idx],
             "eval_y": labels[eval_idx], "bank_x": data.images[bank], "bank_y": labels[bank],
-            "rest_x": data.images[rest], "rest_y": labels[rest]}
+            "rest": rest, "rest_y": labels[rest]}
 
 
 def gap_floor(clean: float, images: int) -> float:
@@ -279,17 +279,11 @@ def tune_bn_settings(
                                      for n, r in rows.items()}})
         say(f"depth {depth:g} prior {prior:g}: recovery {stats['recovery_significant']:.3f}, "
             f"clean drop {stats['clean_drop_pts']:.2f} points")
-    from edge_ssl.adapt_replay import sample_replay
+    from edge_ssl.adapt_replay import choose_replay
 
-    replay = None
-    if config.replay_images:  # never the probe the grid was scored on
-        fits = int(config.replay_max_mb * (1 << 20) // split["rest_x"][0].nbytes)
-        count = min(config.replay_images, fits)
-        if count >= MIN_BATCH:
-            replay = sample_replay(split["rest_x"], split["rest_y"], count, config.seed)
-        else:
-            say(f"replay: one image is {split['rest_x'][0].nbytes / (1 << 20):.1f} MiB, so "
-                f"replay_max_mb {config.replay_max_mb:g} holds fewer than {MIN_BATCH}; none shipped")
+    # never the probe the grid was scored on
+    replay = choose_replay(data.images, split["rest"], split["rest_y"], config.replay_images,
+                           config.replay_max_mb, config.seed, say) if config.replay_images else None
     return TuneResult(
         choice=choose(grid, config.max_clean_drop), clean=clean,
         shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),
@@ -325,12 +319,8 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
 
 
 def settings_file(bundle: Bundle, weights: Bundle | None = None) -> Path | None:
-    """``adapt_settings.json`` of ``bundle`` or, for a quantized bundle, of its float parent
-    (``weights`` when the caller already found it; looked up only when needed)."""
-    if bundle.has(SETTINGS_FILE):
-        return bundle.file(SETTINGS_FILE)
-    holder = weights or find_float_ancestor(bundle)
-    return holder.file(SETTINGS_FILE) if holder is not None and holder.has(SETTINGS_FILE) else None
+    """``adapt_settings.json`` of ``bundle`` or, for a quantized bundle, of its float parent."""
+    return own_or_float_parent_file(bundle, SETTINGS_FILE, weights)
 
 
 def bundle_adapt_settings(bundle: Bundle) -> dict[str, Any]:

@@ -429,6 +429,15 @@ def find_float_ancestor(bundle: Bundle) -> Bundle | None:
     return None
 
 
+def own_or_float_parent_file(bundle: Bundle, name: str, weights: Bundle | None = None) -> Path | None:
+    """``bundle``'s file ``name`` or, when it has none (a quantized bundle), its float
+    ancestor's (``weights`` when the caller already found it; looked up only when needed)."""
+    if bundle.has(name):
+        return bundle.file(name)
+    holder = weights or find_float_ancestor(bundle)
+    return holder.file(name) if holder is not None and holder.has(name) else None
+
+
 def require_float_weights(bundle: Bundle, stage: str) -> Bundle:
     """``bundle`` or its float ancestor; BundleError saying what to do when there is none."""
     found = find_float_ancestor(bundle)
