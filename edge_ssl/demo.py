@@ -332,7 +332,8 @@ def stage_report(run: DemoRun) -> None:
     paths = [bundle.path for bundle in _table_bundles(run).values()]
     if not paths:
         raise StageSkipped("no bundles to report on")
-    written = write_report(paths, run.out / "report.html", title="edge-ssl demo: pretrain -> edge")
+    written = write_report(paths, run.out / "report.html", title="edge-ssl demo: pretrain -> edge",
+                           overwrite=True)
     run.rows["__report__"] = written[0]
     run.log(f"      wrote {written[0]}")
 

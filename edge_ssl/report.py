@@ -460,23 +460,38 @@ def lineage_graph(bundles: Sequence[Any]) -> tuple[list[LineageNode], list[Linea
 # ------------------------------------------------------------------ writing
 
 
-def check_report_out(out: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Validate the output path before any work: an .html file in a writable folder."""
+#: Charts the Markdown variant writes as PNG files beside it (``STEM_NAME.png``).
+CHART_NAMES = ("pareto", "latency", "predicted", "adaptation")
+
+
+def check_report_out(out: str | os.PathLike, *, overwrite: bool = False, markdown: bool = False) -> Path:
+    """Validate the output path before any work: an .html (or .md) file in a writable folder.
+
+    An existing report (or, with ``markdown``, its .md and PNG files) is replaced only with
+    ``overwrite``.
+    """
+    from edge_ssl.outputs import require_writable_dir
+
     path = Path(out)
     if path.suffix.lower() not in (".html", ".htm", ".md"):
         raise ConfigError(f"--out must end in .html (or .md), got {str(path)!r}; e.g. --out report.html.")
     if path.is_dir():
         raise ConfigError(f"--out {str(path)!r} is a directory; give a file name such as report.html.")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists; remove it or choose another --out.")
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BundleError(f"cannot create the report folder {parent}: {exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise BundleError(f"cannot write the report into {parent}: permission denied.")
+    existing = [p for p in report_files(path, markdown) if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise ConfigError(f"{names} already exists; choose another --out or pass --overwrite.")
+    require_writable_dir(path.parent if str(path.parent) else Path("."))
     return path
+
+
+def report_files(path: Path, markdown: bool) -> list[Path]:
+    """Every file a report at ``path`` may write (HTML, Markdown, chart PNGs)."""
+    files = [] if path.suffix.lower() == ".md" else [path]
+    if markdown or path.suffix.lower() == ".md":
+        md_path = path.with_suffix(".md")
+        files += [md_path, *(md_path.with_name(f"{md_path.stem}_{n}.png") for n in CHART_NAMES)]
+    return files
 
 
 def write_report(
@@ -485,16 +500,18 @@ def write_report(
     *,
     markdown: bool = False,
     title: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a self-contained HTML report (and with ``markdown`` a .md + PNGs beside it).
 
     Returns the written paths, HTML first. An ``out`` ending in .md writes Markdown only.
+    Every file is written atomically (temp + rename); an existing one only with ``overwrite``.
     """
     from edge_ssl.bundle import atomic_write_bytes
     from edge_ssl.report_html import render_html, render_markdown
     from edge_ssl.report_plots import render_charts
 
-    path = check_report_out(out)
+    path = check_report_out(out, overwrite=overwrite, markdown=markdown)
     data = collect_report(bundle_paths, title=title)
     charts = render_charts(data)
     written = []

@@ -205,3 +205,25 @@ def test_device_measurements_and_predictions_are_read_and_kept_apart():
     assert [(r.backend, r.device, r.p50, r.p90) for r in measured] == [
         ("onnxruntime", "ssh://nvidia@orin", 3.0, 3.5)]
     assert [(r.device, r.backend, r.p50) for r in predicted] == [("orin-nx-16gb", "int8", 1.08)]
+
+
+
+def test_an_existing_report_is_kept_unless_overwrite_is_given(bundles, tmp_path, capsys):
+    out = tmp_path / "kept.html"
+    out.write_text("my notes", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        main(["report", *map(str, bundles), "--out", str(out)])
+    assert refused.value.code == 1
+    message = capsys.readouterr().err
+    assert "kept.html already exists" in message and "--overwrite" in message
+    assert out.read_text(encoding="utf-8") == "my notes"
+    (tmp_path / "kept.md").write_text("md notes", encoding="utf-8")
+    with pytest.raises(ConfigError, match="kept.md already exists"):
+        write_report(bundles, tmp_path / "kept.html", markdown=True, overwrite=False)
+    assert (tmp_path / "kept.md").read_text(encoding="utf-8") == "md notes"
+    with pytest.raises(SystemExit) as replaced:
+        main(["report", *map(str, bundles), "--out", str(out), "--md", "--overwrite"])
+    assert replaced.value.code == 0
+    assert "stage-table" in out.read_text(encoding="utf-8")
+    assert "| stage | bundle |" in (tmp_path / "kept.md").read_text(encoding="utf-8")
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -18,12 +18,13 @@ def report(
         "report.html"),
     md: Annotated[bool, typer.Option("--md", help="Also write Markdown (+ PNG charts) beside it.")] = False,
     title: Annotated[str, typer.Option(help="Report title (default: first -> last bundle).")] = "",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report (and its .md/PNGs).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-stage table, lineage graph, accuracy-latency Pareto chart, latency distributions, environments."""
     from edge_ssl.report import write_report
 
-    written = write_report(bundles, out, markdown=md, title=title or None)
+    written = write_report(bundles, out, markdown=md, title=title or None, overwrite=overwrite)
     if as_json:
         emit_json({"written": [str(p) for p in written]})
         return
