@@ -261,6 +261,27 @@ def predict_bundle(path: str | os.PathLike, device: str, *, precision: str = "fp
     return prediction
 
 
+def prediction_key(prediction: Prediction) -> str:
+    """How a prediction is keyed in a bundle's results: 'orin-nx-16gb int8' (+ batch, power mode)."""
+    key = f"{prediction.device} {prediction.precision}"
+    if prediction.batch != 1:
+        key += f" b{prediction.batch}"
+    return key if prediction.power_mode is None else f"{key} mode{prediction.power_mode}"
+
+
+def record_prediction(path: str | os.PathLike, prediction: Prediction) -> Path:
+    """Add ``prediction`` to the bundle's results under 'predict' (other predictions are kept).
+
+    Raises BundleError when the results file beside the bundle cannot be written.
+    """
+    from edge_ssl.bundle import Bundle, read_results, record_results
+
+    bundle = Bundle.open(path, verify=False)
+    recorded = dict(read_results(bundle).get("predict") or {})
+    recorded[prediction_key(prediction)] = prediction.to_dict()
+    return record_results(bundle, "predict", recorded)
+
+
 def _refine(prediction: Prediction, measured: dict[str, Any]) -> None:
     """Scale by measured/predicted from TensorRT runs of this bundle on the same device profile."""
     ratios = []

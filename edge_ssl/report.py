@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_ssl.errors import BundleError, ConfigError
+from edge_ssl.errors import ConfigError
 
 #: Where a bundle's deployable model lives, most specific first (its size is the "size" column).
 MODEL_FILES = ("model.int8.onnx", "model.onnx", "model.pt")

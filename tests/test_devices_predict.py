@@ -114,3 +114,57 @@ def test_published_anchors_cover_enough_devices_with_sources():
     anchors = load_toml(ROOT / "devices" / "anchors.toml")["anchor"]
     assert len(anchors) >= 6 and len({a["device"] for a in anchors}) >= 3
     assert all(a["source"] and a["published_ms"] > 0 for a in anchors)
+
+
+def _tiny_bundle(tiny_onnx: Path, root: Path):
+    from edge_ssl.bundle import BundleWriter
+    from edge_ssl.spec import EncoderSpec, InputSpec
+
+    spec = EncoderSpec(arch="tiny", kwargs={}, input=InputSpec(shape=(3, 32, 32), mean=(0.5,) * 3,
+                                                               std=(0.5,) * 3), embed_dim=10)
+    with BundleWriter(root / "tiny.edge") as writer:
+        writer.copy_file("model.onnx", tiny_onnx)
+        return writer.commit(name="tiny", encoder=spec, lineage=())
+
+
+def test_cli_predict_records_each_prediction_where_the_report_shows_it(tiny_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from edge_ssl.bundle import read_results
+    from edge_ssl.cli import app
+    from edge_ssl.report import collect_report
+
+    bundle = _tiny_bundle(tiny_onnx, tmp_path)
+    shown = {}
+    for device, precision in (("orin-nx-16gb", "int8"), ("orin-nano-8gb", "fp16")):
+        out = CliRunner().invoke(app, ["predict", str(bundle.path), "--device", device,
+                                       "--precision", precision, "--json"])
+        assert out.exit_code == 0, out.output
+        printed = json.loads(out.stdout)
+        assert printed["recorded_in"] == str(tmp_path / "tiny.edge.results.json")
+        shown[(device, precision)] = printed["predicted_ms"]
+    recorded = read_results(bundle)["predict"]
+    assert set(recorded) == {"orin-nx-16gb int8", "orin-nano-8gb fp16"}
+    assert all(entry["kind"] == "predicted" for entry in recorded.values())
+    row = collect_report([bundle.path]).rows[0]
+    assert not row.measured()
+    assert {(r.device, r.backend): r.p50 for r in row.predicted()} == shown
+
+
+def test_cli_predict_on_a_read_only_bundle_folder_still_predicts(tiny_onnx, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import edge_ssl.bundle as bundle_module
+    from edge_ssl.cli import app
+
+    bundle = _tiny_bundle(tiny_onnx, tmp_path)
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bundle_module, "atomic_write_bytes", read_only)
+    out = CliRunner().invoke(app, ["predict", str(bundle.path), "--device", "orin-nx-16gb"])
+    assert out.exit_code == 0, out.output
+    assert "PREDICTED" in out.stdout and "recorded in" not in out.stdout
+    assert "prediction was not recorded" in out.stderr and "Permission denied" in out.stderr
+    assert not (tmp_path / "tiny.edge.results.json").exists()

@@ -277,11 +277,26 @@ def predict(
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """PREDICTED latency from a per-layer roofline (never a measurement; calibrated on published results)."""
-    from edge_ssl.devices.predict import predict_bundle
+    """PREDICTED latency from a per-layer roofline (never a measurement; calibrated on published results).
+
+    For a bundle the prediction is also recorded beside it (NAME.edge.results.json, under
+    'predict', labelled predicted), where `edge-ssl report` shows it.
+    """
+    from edge_ssl.devices.predict import predict_bundle, record_prediction
+    from edge_ssl.errors import BundleError
 
     report = predict_bundle(bundle, device, precision=precision, power_mode=power_mode, batch=batch)
+    recorded, note = None, None
+    if bundle.suffix != ".onnx":
+        try:
+            recorded = str(record_prediction(bundle, report))
+        except BundleError as exc:
+            note = f"note: the prediction was not recorded ({exc})"
     if as_json:
-        emit_json(report.to_dict())
-        return
-    typer.echo(report.summary())
+        emit_json({**report.to_dict(), "recorded_in": recorded})
+    else:
+        typer.echo(report.summary())
+        if recorded:
+            typer.echo(f"recorded in {recorded}")
+    if note:
+        typer.echo(note, err=True)
