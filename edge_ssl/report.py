@@ -146,12 +146,11 @@ def collect_report(bundle_paths: Sequence[str | os.PathLike], title: str | None 
 
     if not bundle_paths:
         raise ConfigError("report needs at least one bundle; pass NAME.edge paths in pipeline order.")
-    rows = []
-    bundles = []
-    for path in bundle_paths:
-        bundle = Bundle.open(path, verify=True)
-        bundles.append(bundle)
-        rows.append(stage_row(bundle, read_results(bundle)))
+    bundles = [Bundle.open(path, verify=True) for path in bundle_paths]
+    results = [read_results(bundle) for bundle in bundles]
+    measured_by_compress = compress_rows_by_path(results)
+    rows = [stage_row(bundle, found, compress_row_of(bundle, found, measured_by_compress))
+            for bundle, found in zip(bundles, results, strict=True)]
     nodes, edges = lineage_graph(bundles)
     return ReportData(
         title=title or "edge-ssl report: " + (
@@ -163,14 +162,22 @@ def collect_report(bundle_paths: Sequence[str | os.PathLike], title: str | None 
     )
 
 
-def stage_row(bundle: Any, results: Mapping[str, Any]) -> StageRow:
-    """The report row of one bundle from its manifest and its results-file entry."""
+def stage_row(bundle: Any, results: Mapping[str, Any], compress: Mapping[str, Any] | None = None) -> StageRow:
+    """The report row of one bundle from its manifest, its results-file entry and, when
+    `edge-ssl compress` measured it, that stage row (kNN, MACs, params, ORT-CPU latency)."""
     manifest = bundle.manifest
     metrics = dict(manifest.metrics)
     last = manifest.lineage[-1] if manifest.lineage else None
-    # The manifest's numbers first; a later count recorded beside the bundle ("model") fills gaps.
+    compress = compress or {}
+    # What compress measured wins over the manifest; a later count beside the bundle fills gaps.
     model = results.get("model") if isinstance(results.get("model"), Mapping) else {}
-    counted = {**model, **{k: v for k, v in metrics.items() if _is_number(v)}, "nested": metrics}
+    measured = {k: compress[k] for k in ("params", "macs") if _is_number(compress.get(k))}
+    counted = {**model, **{k: v for k, v in metrics.items() if _is_number(v)}, **measured,
+               "nested": metrics}
+    # kNN: an explicit `edge-ssl eval` first, then compress's measurement, then the manifest's.
+    knn = knn_top1_of(results, {})
+    if knn is None:
+        knn = float(compress["knn_top1"]) if _is_number(compress.get("knn_top1")) else knn_top1_of({}, metrics)
     return StageRow(
         name=manifest.name,
         stage=stage_label(manifest.lineage),
@@ -182,11 +189,66 @@ def stage_row(bundle: Any, results: Mapping[str, Any]) -> StageRow:
         params=_as_int(find_number(counted, ("params", "parameters", "num_params"))),
         macs=_as_int(find_number(counted, ("macs", "mac"))),
         bytes=model_bytes(manifest, metrics),
-        knn_top1=knn_top1_of(results, metrics),
-        latencies=tuple(latency_records(results, metrics)),
+        knn_top1=knn,
+        latencies=tuple(latency_records(results, metrics) + compress_latency(compress)),
         adaptation=tuple(adaptation_histories(results, metrics)),
         files={name: {"sha256": rec.sha256, "bytes": rec.bytes} for name, rec in manifest.files.items()},
     )
+
+
+#: The backend column of the ONNX Runtime CPU latency that `edge-ssl compress` measured.
+COMPRESS_BACKEND = "ort-cpu (compress)"
+
+
+def compress_row_of(bundle: Any, results: Mapping[str, Any],
+                    by_path: Mapping[Path, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The stage row `edge-ssl compress` recorded for this bundle.
+
+    Its own 'compress_stage' record (every stage bundle), else the chosen stage of its
+    'compress' record (the final bundle), else the row of another reported bundle's
+    'compress' record that names this bundle's path (the teacher, which compress never
+    writes beside) with the same precision.
+    """
+    own = results.get("compress_stage")
+    if isinstance(own, Mapping):
+        return own
+    final = results.get("compress")
+    if isinstance(final, Mapping):
+        chosen = [r for r in final.get("stages") or () if isinstance(r, Mapping)
+                  and r.get("name") == final.get("chosen")]
+        if chosen:
+            return chosen[-1]
+    row = by_path.get(_resolved(bundle.path))
+    return row if row is not None and row.get("precision") == bundle.manifest.precision else None
+
+
+def compress_rows_by_path(results: Sequence[Mapping[str, Any]]) -> dict[Path, Mapping[str, Any]]:
+    """Every stage row of every 'compress' record, by the resolved path of the bundle it measured."""
+    rows: dict[Path, Mapping[str, Any]] = {}
+    for found in results:
+        record = found.get("compress")
+        stages = record.get("stages") if isinstance(record, Mapping) else None
+        for row in stages or ():
+            if isinstance(row, Mapping) and isinstance(row.get("bundle"), str):
+                rows[_resolved(Path(row["bundle"]))] = row
+    return rows
+
+
+def compress_latency(row: Mapping[str, Any]) -> list[LatencyRecord]:
+    """Compress's measured ORT-CPU p50 as a latency record (no p90 or environment was kept)."""
+    if not _is_number(row.get("latency_ms")):
+        return []
+    batch = row.get("latency_batch")
+    return [LatencyRecord(backend=COMPRESS_BACKEND, device="", p50=float(row["latency_ms"]), p90=None,
+                          batch_size=int(batch) if _is_number(batch) else 1,
+                          source=f"compress: {row.get('latency_source', 'measured')}")]
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return Path(path)
 
 
 def stage_label(lineage: Sequence[Any]) -> str:

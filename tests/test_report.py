@@ -227,3 +227,62 @@ def test_an_existing_report_is_kept_unless_overwrite_is_given(bundles, tmp_path,
     assert "stage-table" in out.read_text(encoding="utf-8")
     assert "| stage | bundle |" in (tmp_path / "kept.md").read_text(encoding="utf-8")
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def md_stage_table(markdown: str) -> list[dict[str, str]]:
+    """The Markdown report's stage table as one {column: cell} dict per bundle, in order."""
+    section = markdown.split("## Stages", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    split = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines]
+    return [dict(zip(split[0], cells, strict=True)) for cells in split[1:]]
+
+
+def compress_cells(recorded: dict) -> dict[str, str]:
+    """The stage-table cells a compress stage row must be shown as."""
+    from edge_ssl.report import COMPRESS_BACKEND, human_count, percent
+
+    return {"params": human_count(recorded["params"]), "MACs": human_count(recorded["macs"]),
+            "kNN top-1": percent(recorded["knn_top1"]),
+            f"{COMPRESS_BACKEND} p50 / p90 ms": f"{recorded['latency_ms']:.2f} / —"}
+
+
+def test_report_shows_the_numbers_compress_recorded_for_every_stage(tmp_path):
+    """kNN, params, MACs and ORT-CPU latency of each stage: the numbers compress measured."""
+    import numpy as np
+
+    from edge_ssl.bundle import Bundle, read_results
+    from tests.test_compress_fixtures import tiny_dataset, write_tiny_bundle
+
+    teacher = write_tiny_bundle(tmp_path / "teacher.edge")
+    data = tiny_dataset(16, labeled=True)
+    np.savez(tmp_path / "bank.npz", x=data.images, y=data.labels)
+    test = tiny_dataset(8, seed=1, labeled=True)
+    np.savez(tmp_path / "test.npz", x=test.images, y=test.labels)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "distill: {epochs: 1, batch_size: 8, cache_views: 1, queue_size: 16, head_hidden_dim: 16,"
+        " warmup_epochs: 0.0}\nquantize_options: {calibration_images: 16}\nbench_seconds: 0.2\n")
+    out = tmp_path / "c.edge"
+    with pytest.raises(SystemExit) as done:
+        main(["compress", str(teacher.path), "--student", "resnet18_cifar", "--arch-opt", "width=0.125",
+              "--prune", "0.5", "--data", str(tmp_path / "bank.npz"), "--eval-data", str(tmp_path / "bank.npz"),
+              "--eval-test", str(tmp_path / "test.npz"), "--recipe", str(recipe), "--device", "cpu",
+              "--out", str(out), "--json"])
+    assert done.value.code in (0, None)
+    final = read_results(Bundle.open(out))["compress"]
+    stages = sorted(out.with_name(out.name + ".stages").glob("*.edge"))
+    recorded = [final["stages"][0]]  # the teacher: compress measures it but writes nothing beside it
+    recorded += [read_results(Bundle.open(stage))["compress_stage"] for stage in stages]
+    recorded.append(next(r for r in final["stages"] if r["name"] == final["chosen"]))
+    assert len(recorded) == len(final["stages"]) + 1
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(teacher.path), *map(str, stages), str(out), "--out", str(tmp_path / "r.md")])
+    assert done.value.code == 0
+    shown = md_stage_table((tmp_path / "r.md").read_text(encoding="utf-8"))
+    assert len(shown) == len(recorded)
+    for cells, row in zip(shown, recorded, strict=True):
+        expected = compress_cells(row)
+        assert {k: cells[k] for k in expected} == expected, (cells["bundle"], row)
+        assert "—" not in (cells["kNN top-1"], cells["MACs"])
+    base = recorded[0]["latency_ms"]
+    assert shown[-1][f"speed-up vs {shown[0]['bundle']}"] == f"{base / recorded[-1]['latency_ms']:.2f}×"
