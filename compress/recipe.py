@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -11,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_ssl.bundle import Bundle, record_results, require_float_weights
+import numpy as np
+
+from edge_ssl.bundle import Bundle, read_results, record_results, results_path
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.data import ImageDataset
-from edge_ssl.errors import BundleError, ConfigError
+from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
+from edge_ssl.lineage import require_float_weights
 
 QUANTIZE_CHOICES = ("int8", "fp16", "none")
 
@@ -106,10 +112,33 @@ def load_recipe(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"recipe {file} must be a mapping of settings; got {type(loaded).__name__}.")
         values.update(loaded or {})
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
-    return RecipeConfig.from_dict(values)
+    return RecipeConfig.from_dict(merge_overrides(values, overrides or {}))
+
+
+#: Recipe keys whose value is a mapping: a flag names some of its keys, the rest stay.
+MERGED_KEYS = ("student_kwargs", "distill", "prune_options", "quantize_options")
+
+
+def merge_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a recipe file) with the ``overrides`` that were given (not None) on top.
+
+    Mapping keys merge (``--arch-opt image_size=64`` keeps the recipe's ``width``), except
+    ``student_kwargs`` when the override names another student: the recipe's kwargs were
+    written for its own student.
+    """
+    merged = dict(values)
+    other_student = overrides.get("student") not in (None, values.get("student"))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        keep = isinstance(merged.get(key), Mapping) and not (key == "student_kwargs" and other_student)
+        if key in MERGED_KEYS and keep:
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    if other_student and overrides.get("student_kwargs") is None:
+        merged.pop("student_kwargs", None)
+    return merged
 
 
 @dataclass
@@ -137,17 +166,42 @@ class CompressResult:
     met: bool
     message: str
     bundle: Bundle | None = None
+    reused: list[str] = field(default_factory=list)  # stages taken over from an earlier run
+    ran: list[str] = field(default_factory=list)  # stages run (or redone) by this run
 
     def to_dict(self) -> dict[str, Any]:
         return {"stages": [r.to_dict() for r in self.rows], "chosen": self.chosen, "met": self.met,
                 "message": self.message, "bundle": None if self.bundle is None else str(self.bundle.path),
-                "manifest_sha256": None if self.bundle is None else self.bundle.manifest_sha256}
+                "manifest_sha256": None if self.bundle is None else self.bundle.manifest_sha256,
+                "reused": list(self.reused), "ran": list(self.ran)}
 
 
 def stages_dir(out: str | os.PathLike) -> Path:
     """Where the recipe keeps every stage's bundle: ``NAME.edge`` -> ``NAME.edge.stages/``."""
     out = Path(out)
     return out.with_name(out.name + ".stages")
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where a run writes its stages until it finishes: ``NAME.edge.stages.partial/``.
+
+    Only a finished run swaps it in for ``stages_dir(out)`` (and its chosen stage for
+    ``out``), so a failed or interrupted run leaves the previous result untouched.
+    """
+    stages = stages_dir(out)
+    return stages.with_name(stages.name + ".partial")
+
+
+#: Folder name of each stage's bundle inside the stages folder.
+STAGE_DIRS = {"distill": "1-distill.edge", "prune": "2-prune.edge", "quantize": "3-quantize.edge"}
+
+
+class CompressInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``compress``: which stage was running and which finished bundles were kept."""
+
+    def __init__(self, stage: str, kept: list[Path], folder: Path) -> None:
+        super().__init__(stage)
+        self.stage, self.kept, self.folder = stage, kept, folder
 
 
 class StageMeter:
@@ -197,27 +251,140 @@ class StageMeter:
 
 
 def check_compress_inputs(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, out: Path,
-                          knn: Any | None, overwrite: bool) -> None:
-    """Everything that can be checked before the first training step."""
+                          knn: Any | None, overwrite: bool, resume: bool = False) -> None:
+    """Every setting of every stage, checked before the first stage runs (seconds, no training)."""
+    check_compress_out(out, overwrite=overwrite, resume=resume)
+    source = require_float_weights(teacher, "compress")
+    check_knn_settings(source, recipe, knn)
+    check_student(source, recipe, data)
+    check_prune_settings(recipe, data)
+    check_quantize_settings(recipe, data)
+
+
+def check_compress_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """OUT can be written, and no earlier run's stages are replaced without --resume/--overwrite."""
+    from edge_ssl.outputs import check_bundle_out
+
+    check_bundle_out(out, overwrite=overwrite)
+    stages, partial = stages_dir(out), partial_dir(out)
+    if partial.exists() and not (resume or overwrite):
+        kept = ", ".join(p.name for p in finished_stages(partial)) or "no finished stage"
+        raise ConfigError(
+            f"{partial} holds an interrupted run ({kept}); pass --resume to reuse its finished "
+            "stages or --overwrite to start over."
+        )
+    if stages.exists() and not (resume or overwrite):
+        raise ConfigError(
+            f"{stages} already exists (stages of an earlier run); pass --resume to reuse the "
+            "stages that match, or --overwrite to replace them."
+        )
+
+
+def check_knn_settings(teacher: Bundle, recipe: RecipeConfig, knn: Any | None) -> None:
+    """kNN targets need labeled eval images, and those must be the teacher's image size."""
+    quantize = recipe.quantize_config()
+    wanted = [name for name, value in (
+        ("max_knn_drop", recipe.max_knn_drop),
+        ("quantize_options.max_knn_drop", None if quantize is None else quantize.max_knn_drop),
+    ) if value is not None]
+    if wanted and knn is None:
+        raise ConfigError(
+            f"{' and '.join(wanted)} needs labeled images to measure kNN top-1: pass --eval-data "
+            "(the bank, e.g. cifar10_train_3.npz) and --eval-test (the queries, e.g. "
+            "cifar10_test.npz), or remove the target from the recipe."
+        )
+    if knn is None:
+        return
+    size = tuple(teacher.manifest.input.shape[1:])
+    for flag, images in (("--eval-data", knn.bank_images), ("--eval-test", knn.test_images)):
+        if tuple(images.shape[1:3]) != size:
+            raise DataError(
+                f"{flag} images are {images.shape[1]}x{images.shape[2]} but the teacher reads "
+                f"{size[0]}x{size[1]}; load them at the teacher's size (the compress command does)."
+            )
+
+
+def check_student(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset) -> None:
+    """The student pairs with the teacher and the data, and is smaller than the teacher."""
     from edge_ssl.compress.distill import check_data, check_pairing, config_names
+    from edge_ssl.compress.measure import model_metrics
 
-    from edge_ssl.models import create_encoder
+    from edge_ssl.models import create_encoder, load_encoder
 
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
-    if stages_dir(out).exists() and not overwrite:
-        raise ConfigError(f"{stages_dir(out)} already exists (stages of an earlier run); pass --overwrite.")
-    require_float_weights(teacher, "compress")
-    if recipe.max_knn_drop is not None and knn is None:
-        raise ConfigError("--max-knn-drop needs labeled evaluation images: pass --eval-data and --eval-test.")
     distill = recipe.distill_config()
-    if distill is not None:
-        config_names(distill)
-        student = create_encoder(distill.student, **distill.student_kwargs)
-        check_pairing(teacher.manifest.encoder, student.spec)
-        check_data(data, student.spec, distill.batch_size)
-    else:
+    if distill is None:
         check_data(data, teacher.manifest.encoder, 2)
+        return
+    config_names(distill)
+    student = create_encoder(distill.student, **distill.student_kwargs)
+    check_pairing(teacher.manifest.encoder, student.spec)
+    if len(data) < distill.batch_size:
+        raise DataError(
+            f"{len(data)} unlabeled images are fewer than one distillation batch of "
+            f"{distill.batch_size}; pass --set distill.batch_size={_floor_pow2(len(data))} (or "
+            "set it in the recipe), or more images with --data / a larger --limit."
+        )
+    check_data(data, student.spec, distill.batch_size)
+    check_smaller(model_metrics(load_encoder(teacher)), model_metrics(student), distill)
+
+
+def check_smaller(teacher: Mapping[str, int], student: Mapping[str, int], distill: Any) -> None:
+    """Refuse a 'student' with more params or MACs than its teacher: never what compressing wants."""
+    if student["params"] <= teacher["params"] and student["macs"] <= teacher["macs"]:
+        return
+    kwargs = ", ".join(f"{k}={v}" for k, v in distill.student_kwargs.items())
+    raise ConfigError(
+        f"the student {distill.student}({kwargs}) is larger than the teacher: "
+        f"{student['params'] / 1e6:.2f}M params vs {teacher['params'] / 1e6:.2f}M, "
+        f"{student['macs'] / 1e6:.1f}M MACs vs {teacher['macs'] / 1e6:.1f}M. Choose a smaller "
+        "width (e.g. --arch-opt width=0.25; --arch-opt keys merge over the recipe's "
+        "student_kwargs) or a smaller --student (see `edge-ssl encoders`)."
+    )
+
+
+def check_prune_settings(recipe: RecipeConfig, data: ImageDataset) -> None:
+    """Pruning's data needs and its recovery distillation settings."""
+    from edge_ssl.compress.distill import DistillConfig
+
+    config = recipe.prune_config()
+    if config is None or not (config.recovery_epochs or config.importance == "taylor"):
+        return
+    if len(data) < 2:
+        raise DataError(f"pruning with {config.importance!r} importance / recovery needs at least "
+                        f"2 unlabeled images; got {len(data)}. Pass more with --data.")
+    if config.recovery_epochs:
+        settings = {"objectives": ("feature",), "epochs": config.recovery_epochs,
+                    "batch_size": min(config.batch_size, len(data)), "warmup_epochs": 0.0}
+        try:
+            DistillConfig.from_dict(settings | dict(config.recovery))
+        except ConfigError as exc:
+            raise ConfigError(f"prune_options.recovery: {exc}") from None
+
+
+def check_quantize_settings(recipe: RecipeConfig, data: ImageDataset) -> None:
+    """INT8 calibration needs calibration_images between the minimum and the images loaded."""
+    from edge_ssl.compress.calibration import MIN_CALIBRATION_IMAGES
+
+    config = recipe.quantize_config()
+    if config is None or config.precision != "int8":
+        return
+    wanted, have = config.calibration_images, len(data)
+    if wanted > have:
+        raise ConfigError(
+            f"quantize_options.calibration_images is {wanted} but only {have} unlabeled images are "
+            f"loaded; pass --set quantize_options.calibration_images={have} (or fewer), or more "
+            "images with --data / a larger --limit."
+        )
+    if wanted < MIN_CALIBRATION_IMAGES:
+        raise ConfigError(
+            f"quantize_options.calibration_images is {wanted}; INT8 calibration needs at least "
+            f"{MIN_CALIBRATION_IMAGES}. Pass --set quantize_options.calibration_images="
+            f"{min(have, 256)}."
+        )
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << max(1, n.bit_length() - 1)
 
 
 def compress(
@@ -228,51 +395,274 @@ def compress(
     *,
     knn: Any | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     log: Callable[[str], None] | None = None,
     progress: Callable[[Any], None] | None = None,
 ) -> CompressResult:
-    """Run the recipe's stages; every stage's bundle lands in ``stages_dir(out)`` and the best
-    one (meeting the targets, else the closest) is copied to ``out``."""
+    """Run the recipe's stages and keep the best one (meeting the targets, else the closest).
+
+    Stages are written to ``partial_dir(out)``; only when all are done does that folder
+    become ``stages_dir(out)`` and the chosen stage ``out``, so a failure or Ctrl-C
+    (``CompressInterrupted``) leaves an earlier result as it was. ``resume`` reuses finished
+    stages (of the interrupted or the last run) whose parent, settings and data match.
+    """
+    say = log or (lambda _m: None)
+    out = Path(out)
+    teacher_bundle = teacher if isinstance(teacher, Bundle) else Bundle.open(teacher, verify=True)
+    check_compress_inputs(teacher_bundle, recipe, data, out, knn, overwrite, resume)
+    run = StageRun(work=_fresh_partial(out, resume), previous=stages_dir(out), resume=resume,
+                   fingerprints=_fingerprints(data, knn), say=say)
+    rows = _run_stages(teacher_bundle, recipe, data, knn, run, progress)
+    chosen, met, message = choose_stage(rows, recipe)
+    bundle = _publish(rows, chosen, out, run.work)
+    result = CompressResult(rows, chosen, met, message, bundle, reused=run.reused, ran=run.ran)
+    record_results(bundle, "compress", result.to_dict())
+    return result
+
+
+def _run_stages(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, knn: Any | None,
+                run: StageRun, progress: Callable[[Any], None] | None) -> list[StageRow]:
+    rows: list[StageRow] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-ssl-compress-") as tmp:
+            meter = StageMeter(recipe, knn, Path(tmp))
+            rows.append(meter.measure("teacher", teacher, record=False))
+            run.say(_row_text(rows[-1]))
+            current = teacher
+            for name, config, runner in _stage_plan(recipe, data, knn, progress, run.say):
+                run.current = name
+                current = run.stage(name, config, current, runner)
+                rows.append(meter.measure(name, current))
+                run.say(_row_text(rows[-1]))
+    except CompressInterrupted:
+        raise
+    except KeyboardInterrupt as exc:
+        raise CompressInterrupted(run.current, finished_stages(run.work), run.work) from exc
+    return rows
+
+
+StageRunner = Callable[[Bundle, Path, bool], Bundle]
+
+
+def _stage_plan(recipe: RecipeConfig, data: ImageDataset, knn: Any | None,
+                progress: Callable[[Any], None] | None,
+                say: Callable[[str], None]) -> list[tuple[str, Any, StageRunner]]:
+    """(name, config, run(parent, out, resume_checkpoint) -> bundle) for each stage of the recipe."""
     from edge_ssl.compress.distill import distill
     from edge_ssl.compress.prune import prune
     from edge_ssl.compress.quantize import quantize
 
-    say = log or (lambda _m: None)
-    out = Path(out)
-    teacher_bundle = teacher if isinstance(teacher, Bundle) else Bundle.open(teacher, verify=True)
-    check_compress_inputs(teacher_bundle, recipe, data, out, knn, overwrite)
+    plan: list[tuple[str, Any, StageRunner]] = []
+    if (dconf := recipe.distill_config()) is not None:
+        plan.append(("distill", dconf, lambda parent, path, resume: distill(
+            parent, dconf, data, path, resume=resume, progress=progress).bundle))
+    if (pconf := recipe.prune_config()) is not None:
+        plan.append(("prune", pconf, lambda parent, path, _resume: prune(parent, pconf, data, path).bundle))
+    if (qconf := recipe.quantize_config()) is not None:
+        plan.append(("quantize", qconf, lambda parent, path, _resume: quantize(
+            parent, qconf, data.images, path, knn=knn,
+            log=lambda m: say(compress_terms("quantize", m)))[0]))
+    return plan
+
+
+#: Where a stage's reuse key is recorded (the stage bundle's results file, beside it).
+RESUME_KEY = "compress_resume"
+
+
+@dataclass
+class StageRun:
+    """Runs (or, with ``resume``, reuses) the stages of one compress run inside ``work``."""
+
+    work: Path
+    previous: Path
+    resume: bool
+    fingerprints: Mapping[str, str | None]
+    say: Callable[[str], None]
+    reused: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    current: str = "teacher"
+
+    def stage(self, name: str, config: Any, parent: Bundle, runner: StageRunner) -> Bundle:
+        path = self.work / STAGE_DIRS[name]
+        settings = config_to_dict(config)
+        key = stage_key(name, parent.manifest_sha256, settings, self._data(name, config))
+        if self.resume and (found := self._reusable(path, key, parent, settings)) is not None:
+            self.reused.append(name)
+            self.say(f"{name}: reused {found.path.name} (same parent, settings and data)")
+            return found
+        self.say(_stage_title(name, config))
+        _discard(path, keep_checkpoint=self.resume)
+        bundle = _in_compress_terms(name, lambda: self._run(runner, parent, path))
+        record_results(bundle, RESUME_KEY, {"key": key})
+        self.ran.append(name)
+        return bundle
+
+    def _run(self, runner: StageRunner, parent: Bundle, path: Path) -> Bundle:
+        """A distillation stopped mid-way continues from its epoch checkpoint when it can."""
+        from edge_ssl.compress.distill import checkpoint_dir
+
+        from edge_ssl.errors import CheckpointError
+
+        ckpt = checkpoint_dir(path)
+        if self.resume and (ckpt / "last.pt").is_file():
+            try:
+                return runner(parent, path, True)
+            except (CheckpointError, ConfigError) as exc:
+                self.say(f"cannot continue the checkpoint in {ckpt} ({exc}); starting this stage over")
+                shutil.rmtree(ckpt, ignore_errors=True)
+        return runner(parent, path, False)
+
+    def _data(self, name: str, config: Any) -> dict[str, str | None]:
+        knn = self.fingerprints["knn"] if getattr(config, "max_knn_drop", None) is not None else None
+        return {"images": self.fingerprints["images"], "knn": knn}
+
+    def _reusable(self, path: Path, key: str, parent: Bundle, settings: Mapping[str, Any]) -> Bundle | None:
+        """The stage's bundle from this run's folder or the last finished run's, if it matches."""
+        for candidate in (path, self.previous / path.name):
+            bundle = _matching_stage(candidate, key, parent, settings)
+            if bundle is None:
+                continue
+            if candidate != path:
+                _discard(path, keep_checkpoint=False)
+                shutil.copytree(candidate, path)
+                shutil.copyfile(results_path(candidate), results_path(path))
+                bundle = Bundle.open(path, verify=True)
+            return bundle
+        return None
+
+
+def _matching_stage(path: Path, key: str, parent: Bundle, settings: Mapping[str, Any]) -> Bundle | None:
+    """The bundle at ``path`` if its lineage names ``parent`` and ``settings`` and its key matches."""
+    if not (path / "manifest.json").is_file():
+        return None
+    try:
+        bundle = Bundle.open(path, verify=True)
+        recorded = read_results(bundle).get(RESUME_KEY, {}).get("key")
+    except EdgeSSLError:
+        return None
+    last = bundle.manifest.lineage[-1] if bundle.manifest.lineage else None
+    if last is None or last.parent != parent.manifest_sha256 or recorded != key:
+        return None
+    if any(last.settings.get(k) != v for k, v in settings.items()):
+        return None
+    return bundle
+
+
+def stage_key(name: str, parent_sha256: str, settings: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """What a stage's output depends on: its parent bundle, its settings and its images."""
+    text = json.dumps({"stage": name, "parent": parent_sha256, "settings": settings, "data": data},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fingerprints(data: ImageDataset, knn: Any | None) -> dict[str, str | None]:
+    def digest(*arrays: Any) -> str:
+        h = hashlib.sha256()
+        for array in arrays:
+            array = np.ascontiguousarray(array)
+            h.update(f"{array.dtype}{array.shape}".encode())
+            h.update(memoryview(array).cast("B"))
+        return h.hexdigest()
+
+    knn_digest = None if knn is None else digest(knn.bank_images, knn.bank_labels, knn.test_images,
+                                                 knn.test_labels)
+    return {"images": digest(data.images), "knn": knn_digest}
+
+
+def finished_stages(folder: Path) -> list[Path]:
+    """The stage bundles a run has finished in ``folder`` (in stage order)."""
+    return [folder / name for name in STAGE_DIRS.values() if (folder / name / "manifest.json").is_file()]
+
+
+def _fresh_partial(out: Path, resume: bool) -> Path:
+    work = partial_dir(out)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {work} ({exc.strerror or exc}); pick a writable --out.") from None
+    return work
+
+
+def _discard(path: Path, *, keep_checkpoint: bool) -> None:
+    from edge_ssl.compress.distill import checkpoint_dir
+
+    shutil.rmtree(path, ignore_errors=True)
+    results_path(path).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        shutil.rmtree(checkpoint_dir(path), ignore_errors=True)
+
+
+def _stage_title(name: str, config: Any) -> str:
+    if name == "distill":
+        return f"distill -> {config.student}"
+    if name == "prune":
+        return f"prune {config.ratio:.0%}"
+    return f"quantize {config.precision} for {config.target}"
+
+
+#: Flags of the single-stage commands that stage messages name, in compress's terms.
+COMPRESS_TERMS = {
+    "distill": {"--batch-size": "distill.batch_size (recipe key; --set)",
+                "--lr": "distill.lr (recipe key; --set)"},
+    "prune": {"--ratio": "--prune", "--batch-size": "prune_options.batch_size (recipe key; --set)",
+              "--exclude": "prune_options.exclude (recipe key)",
+              "--lr": "prune_options.recovery.lr (recipe key)"},
+    "quantize": {"--max-fallback": "quantize_options.max_fallback (recipe key; --set)",
+                 "--min-cosine": "quantize_options.min_cosine (recipe key; --set)",
+                 "--calibration-images": "quantize_options.calibration_images (recipe key; --set)"},
+}
+
+
+def compress_terms(stage: str, message: str) -> str:
+    """A stage's message with the flags of its own command replaced by what compress takes."""
+    for flag, key in COMPRESS_TERMS.get(stage, {}).items():
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", key, message)
+    return message
+
+
+def _in_compress_terms(stage: str, call: Callable[[], Bundle]) -> Bundle:
+    try:
+        return call()
+    except EdgeSSLError as exc:
+        text = compress_terms(stage, str(exc))
+        if text == str(exc):
+            raise
+        try:
+            translated = type(exc)(text)
+        except Exception:  # an error type with another constructor: keep it as it is
+            raise exc from None
+        raise translated from exc
+
+
+def _publish(rows: list[StageRow], chosen: str, out: Path, work: Path) -> Bundle:
+    """Swap the finished run in: ``work`` becomes the stages folder and the chosen stage ``out``.
+
+    Both are renames in ``out``'s folder; the earlier ones are removed only afterwards.
+    """
     stages = stages_dir(out)
-    if stages.exists():
-        shutil.rmtree(stages)
-    stages.mkdir(parents=True)
-    rows: list[StageRow] = []
-    with tempfile.TemporaryDirectory(prefix="edge-ssl-compress-") as tmp:
-        meter = StageMeter(recipe, knn, Path(tmp))
-        current = teacher_bundle
-        rows.append(meter.measure("teacher", current, record=False))
-        say(_row_text(rows[-1]))
-        if recipe.student is not None:
-            say(f"distill -> {recipe.student}")
-            current = distill(current, recipe.distill_config(), data, stages / "1-distill.edge",
-                              progress=progress).bundle
-            rows.append(meter.measure("distill", current))
-            say(_row_text(rows[-1]))
-        if recipe.prune is not None:
-            say(f"prune {recipe.prune:.0%}")
-            current = prune(current, recipe.prune_config(), data, stages / "2-prune.edge").bundle
-            rows.append(meter.measure("prune", current))
-            say(_row_text(rows[-1]))
-        if recipe.quantize != "none":
-            say(f"quantize {recipe.quantize} for {recipe.target}")
-            current, _report = quantize(current, recipe.quantize_config(), data.images,
-                                        stages / "3-quantize.edge", log=say)
-            rows.append(meter.measure("quantize", current))
-            say(_row_text(rows[-1]))
-    chosen, met, message = choose_stage(rows, recipe)
-    bundle = _materialize(Bundle.open(next(r.bundle for r in rows if r.name == chosen)), out, overwrite)
-    result = CompressResult(rows, chosen, met, message, bundle)
-    record_results(bundle, "compress", result.to_dict())
-    return result
+    source = Path(next(r.bundle for r in rows if r.name == chosen))
+    staged = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(source, staged)
+    aside = [_move_aside(stages), _move_aside(out)]
+    os.replace(work, stages)
+    os.replace(staged, out)
+    for old in aside:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    for row in rows:
+        if Path(row.bundle).parent == work:
+            row.bundle = str(stages / Path(row.bundle).name)
+    return Bundle.open(out, verify=True)
+
+
+def _move_aside(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, aside)
+    return aside
 
 
 def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool, str]:
@@ -294,29 +684,16 @@ def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool,
         return meeting[-1].name, True, f"all targets met by stage {meeting[-1].name!r}"
     best = min(candidates, key=lambda r: (misses(r)[1] > 0, sum(misses(r))))
     late, drop = misses(best)
-    parts = []
+    parts, hints = [], []
     if late:
         parts.append(f"latency {best.latency_ms:.2f} ms is {late:.2f} ms over --max-latency-ms {recipe.max_latency_ms}")
+        hints.append("for latency: a smaller student (--student, --arch-opt width=...) or a higher --prune ratio")
     if drop:
         parts.append(f"kNN drop is {drop:.2f} pts over --max-knn-drop {recipe.max_knn_drop}")
+        hints.append("for accuracy: a larger student (--arch-opt width=...), a lower --prune ratio, "
+                     "or more distillation (--epochs, more --data images)")
     return best.name, False, (f"target not met; kept the closest stage {best.name!r}: " + "; ".join(parts)
-                              + ". Try a smaller student, a higher --prune ratio, or longer distillation.")
-
-
-def _materialize(bundle: Bundle, out: Path, overwrite: bool) -> Bundle:
-    """Copy a stage bundle to ``out`` atomically (same manifest, so the same identity)."""
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite.")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(bundle.path, tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return Bundle.open(out, verify=True)
+                              + ". Try " + "; ".join(hints) + ".")
 
 
 def _row_text(row: StageRow) -> str:

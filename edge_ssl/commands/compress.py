@@ -40,7 +40,10 @@ def _images_for(bundle: Path, data: list[str] | None, limit: int | None) -> Any:
     return load_images(data_source(data), split="train", image_size=size, limit=limit)
 
 
-def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None) -> Any:
+def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None, *, bundle: Path | None = None,
+              limit: int | None = None) -> Any:
+    """Labeled bank and queries for kNN, at ``bundle``'s input size when given."""
+    from edge_ssl.bundle import Bundle
     from edge_ssl.compress.measure import KnnData
     from edge_ssl.data import load_images
     from edge_ssl.errors import ConfigError
@@ -49,7 +52,9 @@ def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None) -> Any:
         return None
     if not eval_data or not eval_test:
         raise ConfigError("kNN evaluation needs both --eval-data (bank) and --eval-test (queries).")
-    return KnnData.from_datasets(load_images(list(eval_data)), load_images(list(eval_test)))
+    size = None if bundle is None else Bundle.open(bundle, verify=False).manifest.input.shape[1]
+    return KnnData.from_datasets(load_images(list(eval_data), image_size=size, limit=limit),
+                                 load_images(list(eval_test), image_size=size, limit=limit))
 
 
 @app.command()
@@ -198,39 +203,118 @@ def compress(
     data: DataOpt = None,
     eval_data: EvalDataOpt = None,
     eval_test: EvalTestOpt = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N images of --eval-data and of --eval-test (quick trials).")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Latency target at batch 1 (measured with the runtime bench).")] = None,
     max_knn_drop: Annotated[float | None, typer.Option(help="Allowed kNN top-1 drop vs the teacher, in points.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags given here override it.")] = None,
+    set_keys: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE overriding one recipe key, e.g. distill.batch_size=64 or quantize_options.calibration_images=128 (repeatable).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Distillation epochs (overrides the recipe).")] = None,
     device: Annotated[str | None, typer.Option(help="Distillation device (overrides the recipe).")] = None,
     limit: LimitOpt = None,
+    resume: Annotated[bool, typer.Option(help="Reuse the finished stages of an interrupted (or the last) run whose parent, settings and data match; redo the rest.")] = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Chain distill -> prune -> quantize toward a latency / accuracy target; print a per-stage table."""
-    from edge_ssl.compress.recipe import compress as run_compress
-    from edge_ssl.compress.recipe import load_recipe
+    """Chain distill -> prune -> quantize toward a latency / accuracy target; print a per-stage table.
 
-    overrides: dict[str, Any] = {"student": student, "prune": prune_ratio, "quantize": quantize_to,
-                                 "target": target, "max_latency_ms": max_latency_ms,
-                                 "max_knn_drop": max_knn_drop}
-    if arch_opt:
-        overrides["student_kwargs"] = parse_key_values(arch_opt, "--arch-opt")
-    base = load_recipe(recipe)
-    distill_settings = dict(base.distill)
-    distill_settings.update({k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None})
-    overrides["distill"] = distill_settings
-    config = load_recipe(recipe, overrides)
-    knn = _knn_data(eval_data, eval_test)
+    Every setting of every stage is checked before the first one runs. Stages are written
+    to OUT.stages.partial/ and swapped in with OUT only at the end: a failed or interrupted
+    run leaves an earlier OUT as it was; --resume continues it.
+    """
+    from edge_ssl.compress.recipe import CompressInterrupted
+    from edge_ssl.compress.recipe import compress as run_compress
+
+    config = _compress_recipe(recipe, set_keys, student=student, arch_opt=arch_opt, prune=prune_ratio,
+                              quantize=quantize_to, target=target, max_latency_ms=max_latency_ms,
+                              max_knn_drop=max_knn_drop, epochs=epochs, device=device)
+    knn = _knn_data(eval_data, eval_test, bundle=teacher, limit=eval_limit)
     dataset = _images_for(teacher, data, limit)
     console = stderr_console()
-    with TrainingProgress(console) as bar:
-        result = run_compress(teacher, config, dataset, out, knn=knn, overwrite=overwrite,
-                              log=lambda m: console.print(m), progress=bar.update)
+    try:
+        with TrainingProgress(console) as bar:
+            result = run_compress(teacher, config, dataset, out, knn=knn, overwrite=overwrite, resume=resume,
+                                  log=lambda m: console.print(m), progress=bar.update)
+    except CompressInterrupted as stop:
+        typer.echo(_interrupted_text(stop), err=True)
+        raise typer.Exit(130) from None
     if as_json:
         emit_json(result.to_dict())
         return
     _print_table(result)
+
+
+def _compress_recipe(path: Path | None, set_keys: list[str] | None, *, arch_opt: list[str] | None,
+                     epochs: int | None, device: str | None, **flags: Any) -> Any:
+    """The recipe file, then --set KEY=VALUE, then the dedicated flags; mapping keys merge."""
+    from edge_ssl.compress.recipe import load_recipe
+
+    overrides: dict[str, Any] = {}
+    for key, value in parse_key_values(set_keys, "--set").items():
+        _set_dotted(overrides, key, value)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if arch_opt:
+        overrides["student_kwargs"] = {**overrides.get("student_kwargs", {}),
+                                       **parse_key_values(arch_opt, "--arch-opt")}
+    distill = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
+    if distill:
+        overrides["distill"] = {**overrides.get("distill", {}), **distill}
+    return load_recipe(path, overrides)
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """``distill.batch_size=64`` -> ``{"distill": {"batch_size": 64}}`` (a recipe key path)."""
+    from edge_ssl.errors import ConfigError
+
+    parts = key.split(".")
+    if not all(parts) or len(parts) > 2:
+        raise ConfigError(f"--set {key}=...: use KEY or SECTION.KEY, e.g. --set distill.batch_size=64.")
+    if len(parts) == 1:
+        values[key] = value
+        return
+    section = values.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"--set {key}=...: {parts[0]} is not a section of the recipe.")
+    section[parts[1]] = value
+
+
+def _interrupted_text(stop: Any) -> str:
+    """What Ctrl-C kept and the exact command that continues the run."""
+    import shlex
+
+    import click
+
+    ctx = click.get_current_context()
+    command = ["edge-ssl", ctx.info_name or "compress", *_given_args(ctx)]
+    if "--resume" not in command:
+        command.append("--resume")
+    if stop.kept:
+        kept = (f"the finished stage bundles {', '.join(p.name for p in stop.kept)} are kept in "
+                f"{stop.folder}")
+    else:
+        kept = f"no stage had finished ({stop.folder} keeps any distillation checkpoint)"
+    return (f"interrupted during stage {stop.stage!r}: {kept}; an earlier OUT and its stages are "
+            f"untouched. Continue with:\n  {shlex.join(command)}")
+
+
+def _given_args(ctx: Any) -> list[str]:
+    """The command line that produced ``ctx``'s parameters (defaults left out)."""
+    import click
+
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == () or value == [] or value == param.default:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif value is True:
+            args.append(param.opts[0])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 def _print_table(result: Any) -> None:
