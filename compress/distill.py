@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_ssl.bundle import Bundle, require_float_weights, write_encoder_bundle
+from edge_ssl.bundle import Bundle
 from edge_ssl.config import check_choice, check_positive, config_from_dict, config_to_dict
 from edge_ssl.data import ImageDataset
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
+from edge_ssl.lineage import require_float_weights
+from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.pretrain import ProgressEvent
 
 OBJECTIVES = ("feature", "seed", "ssl")
@@ -202,8 +204,9 @@ def distill(
                 "objectives": list(config.objectives),
             },
         }
-        result.bundle = write_encoder_bundle(
-            out, result.encoder, lineage=teacher_bundle.child_lineage("distill", settings),
+        result.bundle = write_stage_bundle(
+            out, result.encoder, stage="distill", parent=teacher_encoder, images=data.images,
+            lineage=teacher_bundle.child_lineage("distill", settings),
             metrics=metrics, overwrite=overwrite or resume,
         )
     return result

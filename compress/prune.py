@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_ssl.bundle import Bundle, require_float_weights, write_encoder_bundle
+from edge_ssl.bundle import Bundle
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.data import ImageDataset
 from edge_ssl.errors import ConfigError, EdgeSSLError
+from edge_ssl.lineage import require_float_weights
+from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.spec import EncoderSpec
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
@@ -412,6 +414,8 @@ def prune(
         "prune": {"params_before": first["params"], "macs_before": first["macs"],
                   "params_kept": last["params"] / first["params"], "steps": result.steps},
     }
-    result.bundle = write_encoder_bundle(out, result.encoder, lineage=source.child_lineage("prune", settings),
-                                         metrics=metrics, overwrite=overwrite)
+    result.bundle = write_stage_bundle(
+        out, result.encoder, stage="prune", parent=encoder,
+        images=None if data is None else data.images,
+        lineage=source.child_lineage("prune", settings), metrics=metrics, overwrite=overwrite)
     return result

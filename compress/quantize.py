@@ -11,17 +11,25 @@ from typing import Any
 
 import numpy as np
 
-from edge_ssl.bundle import Bundle, BundleWriter, require_float_weights
+from edge_ssl.bundle import Bundle, BundleWriter
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.errors import ConfigError, EdgeSSLError
 from edge_ssl.lazy import require
+from edge_ssl.lineage import require_float_weights
 
 PRECISIONS = ("int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 class QuantizeError(EdgeSSLError, ValueError):
-    """A quantization input or setting is not usable."""
+    """A quantization input or setting is not usable, or its result misses what was asked.
+
+    ``report``: the QuantizeReport of the best graph found, when quantization ran.
+    """
+
+    def __init__(self, message: str, report: Any | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -369,11 +377,13 @@ def quantize(
             graph, report = _fp16_graph(encoder, images, config, folder)
         else:
             graph, report = _int8_graph(encoder, reader, images, config, folder, knn, log)
+        check = _check_result(graph, report, encoder, images)
         settings = config_to_dict(config) | {"calibration_images_used": len(images)}
         if config.precision == "int8":
             settings["reduce_range"] = uses_reduce_range(TARGETS[config.target])
         metrics = {key: parent.manifest.metrics[key] for key in ("params", "macs") if key in parent.manifest.metrics}
         metrics["quantize"] = report.to_dict()
+        metrics["output_check"] = check.to_dict()
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.copy_file("model.onnx", graph)
             written = writer.commit(
@@ -382,6 +392,18 @@ def quantize(
                 precision=config.precision, metrics=metrics,
             )
     return written, report
+
+
+def _check_result(graph: Path, report: QuantizeReport, encoder: Any, images: np.ndarray) -> Any:
+    """QuantizeError (with the numbers) when the requested thresholds were not reached, or
+    DegenerateOutputError when the graph's embeddings are unusable: nothing is written."""
+    from edge_ssl.output_check import check_graph
+
+    if not report.met:
+        raise QuantizeError(f"quantize: {report.message} Nothing was written.", report)
+    spec = encoder.spec.input
+    return check_graph("quantize", lambda batch: onnx_embed(graph, batch, spec), spec,
+                       parent=encoder, images=images)
 
 
 def _export(encoder: Any, folder: Path, config: QuantizeConfig, *, fp16: bool = False) -> Path:

@@ -41,9 +41,9 @@ from edge_ssl.bundle import (
     WEIGHTS_NAME,
     Bundle,
     check_bundle_out,
-    require_float_weights,
     unpack_bundle,
 )
+from edge_ssl.lineage import require_float_weights
 
 #: Printed by the device's Python: proves it can run adaptation and says with what.
 PROBE = ("import json, sys, torch, edge_ssl; print(json.dumps({'python': sys.version.split()[0], "

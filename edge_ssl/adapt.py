@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH, MIN_HOLDOUT, MIN_IMAGES, AdaptConfig
-from edge_ssl.bundle import Bundle, check_bundle_out, require_float_weights, write_encoder_bundle
+from edge_ssl.bundle import Bundle, check_bundle_out
 from edge_ssl.config import config_to_dict
 from edge_ssl.data import ImageDataset
 from edge_ssl.errors import BundleError, DataError
 from edge_ssl.evaluate import EmbeddingHealth
+from edge_ssl.lineage import require_float_weights
+from edge_ssl.output_check import write_stage_bundle
 
 __all__ = ["AdaptConfig", "AdaptEvent", "AdaptResult", "adapt", "checkpoint_path", "data_fingerprint",
            "deployment_name"]
@@ -197,7 +199,13 @@ def lineage_settings(config: AdaptConfig, data: ImageDataset, plan: dict[str, An
 
 
 def write_adapted(out: Path, encoder: Any, lineage: tuple, metrics: dict[str, Any], *,
-                  overwrite: bool, extra_files: dict[str, Path] | None = None) -> Bundle:
-    """The adapted bundle: a plain encoder with the parent's spec, written atomically."""
-    return write_encoder_bundle(out, encoder, lineage=lineage, metrics=metrics,
-                                extra_files=extra_files, overwrite=overwrite)
+                  overwrite: bool, extra_files: dict[str, Path] | None = None,
+                  weights: Bundle | None = None, images: np.ndarray | None = None) -> Bundle:
+    """The adapted bundle: a plain encoder with the parent's spec, written atomically once its
+    output on ``images`` is checked against the deployed weights (``weights``)."""
+    from edge_ssl.models import load_encoder
+
+    parent = None if weights is None else load_encoder(weights)
+    return write_stage_bundle(out, encoder, stage="adapt", parent=parent, images=images,
+                              lineage=lineage, metrics=metrics, extra_files=extra_files,
+                              overwrite=overwrite)

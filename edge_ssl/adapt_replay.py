@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH
-from edge_ssl.bundle import Bundle, own_or_float_parent_file
+from edge_ssl.bundle import Bundle
 from edge_ssl.errors import BundleError, DataError
+from edge_ssl.lineage import own_or_float_parent_file
 
 REPLAY_FILE = "adapt_replay.npz"
 #: The step settings a bundle with replay images records (``adapt_settings.json``): on the

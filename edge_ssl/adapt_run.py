@@ -386,7 +386,8 @@ def run_adaptation(
         metrics = {"params": count_parameters(encoder_cpu), "adapt": adapt_metrics,
                    **_export_metrics(deployed, export_info, extra_files)}
         bundle = write_adapted(out, encoder_cpu, deployed.child_lineage("adapt", settings),
-                               metrics, overwrite=overwrite, extra_files=extra_files)
+                               metrics, overwrite=overwrite, extra_files=extra_files,
+                               weights=weights, images=data.images)
     shutil.rmtree(checkpoint_path(out).parent, ignore_errors=True)
     seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
     return AdaptResult(bundle, run.plan.to_dict(), run.step, run.stopped, run.health_before,

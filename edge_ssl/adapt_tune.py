@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt_config import MIN_BATCH, AdaptConfig
-from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out, own_or_float_parent_file
+from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out
 from edge_ssl.config import config_from_dict, config_to_dict
 from edge_ssl.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from edge_ssl.data import ImageDataset, split_mask
 from edge_ssl.errors import BundleError, ConfigError, DataError
+from edge_ssl.lineage import own_or_float_parent_file
 
 #: The bundle file ``edge-ssl adapt`` reads its per-bundle BN settings from.
 SETTINGS_FILE = "adapt_settings.json"

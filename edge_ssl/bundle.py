@@ -408,49 +408,6 @@ def write_encoder_bundle(
         )
 
 
-def find_float_ancestor(bundle: Bundle) -> Bundle | None:
-    """The nearest ancestor (or ``bundle`` itself) that holds float weights (``model.pt``).
-
-    Quantized bundles may ship only an INT8 ``model.onnx``; stages that train (distill,
-    prune, adapt) need float weights. The lineage records each parent's manifest sha256
-    and where it lived; a parent is accepted only if its manifest still hashes the same.
-    """
-    if bundle.has(WEIGHTS_NAME):
-        return bundle
-    for entry in reversed(bundle.manifest.lineage):
-        if not entry.parent or not entry.parent_path:
-            continue
-        try:
-            parent = Bundle.open(entry.parent_path, verify=True)
-        except BundleError:
-            continue
-        if parent.manifest_sha256 == entry.parent and parent.has(WEIGHTS_NAME):
-            return parent
-    return None
-
-
-def own_or_float_parent_file(bundle: Bundle, name: str, weights: Bundle | None = None) -> Path | None:
-    """``bundle``'s file ``name`` or, when it has none (a quantized bundle), its float
-    ancestor's (``weights`` when the caller already found it; looked up only when needed)."""
-    if bundle.has(name):
-        return bundle.file(name)
-    holder = weights or find_float_ancestor(bundle)
-    return holder.file(name) if holder is not None and holder.has(name) else None
-
-
-def require_float_weights(bundle: Bundle, stage: str) -> Bundle:
-    """``bundle`` or its float ancestor; BundleError saying what to do when there is none."""
-    found = find_float_ancestor(bundle)
-    if found is None:
-        raise BundleError(
-            f"{stage} needs float weights (model.pt), but {bundle.path} is a "
-            f"{bundle.manifest.precision} bundle with files {sorted(bundle.manifest.files)} and "
-            "none of its lineage parents could be found unchanged on disk. Pass the float "
-            "bundle it was made from (see `edge-ssl inspect` for its lineage)."
-        )
-    return found
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

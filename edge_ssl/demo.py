@@ -127,7 +127,8 @@ def _check_out(out: Path) -> Path:
 def _open_teacher(teacher: str | Path | None) -> Any:
     if teacher is None:
         return None
-    from edge_ssl.bundle import Bundle, require_float_weights
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.lineage import require_float_weights
 
     return require_float_weights(Bundle.open(teacher, verify=True), "the demo (distillation)")
 
@@ -389,7 +390,8 @@ def measure_knn(bundle: Any, train: Any, test: Any, k: int) -> tuple[float, str]
 
 def _record_model_counts(bundle: Any) -> None:
     """Params and MACs (counted now, from the float weights) beside bundles whose manifest lacks MACs."""
-    from edge_ssl.bundle import find_float_ancestor, record_results
+    from edge_ssl.bundle import record_results
+    from edge_ssl.lineage import find_float_ancestor
 
     if "macs" in bundle.manifest.metrics:
         return

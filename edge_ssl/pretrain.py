@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_ssl.bundle import Bundle, atomic_write_bytes, lineage_entry, write_encoder_bundle
+from edge_ssl.bundle import Bundle, atomic_write_bytes, lineage_entry
 from edge_ssl.config import (
     check_choice,
     check_flag,
@@ -20,6 +20,7 @@ from edge_ssl.config import (
     config_to_dict,
 )
 from edge_ssl.errors import CheckpointError, ConfigError, DataError, TrainingError
+from edge_ssl.output_check import write_stage_bundle
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 CHECKPOINT_NAME = "last.pt"
@@ -544,6 +545,7 @@ def _write_bundle(
             "images_per_second": images_per_second,
         },
     }
-    return write_encoder_bundle(
-        out, encoder, lineage=(lineage_entry("pretrain", settings),), metrics=metrics, overwrite=overwrite
+    return write_stage_bundle(
+        out, encoder, stage="pretrain", lineage=(lineage_entry("pretrain", settings),),
+        metrics=metrics, overwrite=overwrite,
     )

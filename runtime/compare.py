@@ -20,6 +20,8 @@ class Comparison:
 
     ``max_rel`` is the largest absolute difference divided by the largest reference
     magnitude (scale-relative: elementwise ratios explode on near-zero entries).
+    ``zero_rows``: samples where either side is an all-zero vector; they count as a
+    mismatch (cosine 0), since a model that outputs zeros has lost the image.
     """
 
     output: str
@@ -30,6 +32,7 @@ class Comparison:
     samples: int
     reference: str = "reference"
     candidate: str = "candidate"
+    zero_rows: int = 0
 
     def passed(self, min_cosine: float) -> bool:
         return bool(self.min_cosine >= min_cosine)
@@ -42,6 +45,7 @@ class Comparison:
             f"{self.candidate} vs {self.reference} on {self.output!r}: max_abs {self.max_abs:.3g}, "
             f"max_rel {self.max_rel:.3g}, min cosine {self.min_cosine:.6f}, mean cosine "
             f"{self.mean_cosine:.6f} over {self.samples} samples"
+            + (f"; {self.zero_rows} all-zero outputs (a mismatch)" if self.zero_rows else "")
         )
 
 
@@ -68,10 +72,10 @@ def compare_outputs(
     flat_out = out.reshape(out.shape[0], -1)
     norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_out, axis=1)
     dots = np.sum(flat_ref * flat_out, axis=1)
-    # A zero-norm sample agrees only with an identical one (two zero vectors).
+    # A zero-norm sample never agrees, not even with another zero vector: two models that
+    # both output zeros are both broken, not equal.
     degenerate = norms == 0
-    cosine = dots / np.where(degenerate, 1.0, norms)
-    cosine = np.where(degenerate, np.all(flat_ref == flat_out, axis=1).astype(np.float64), cosine)
+    cosine = np.where(degenerate, 0.0, dots / np.where(degenerate, 1.0, norms))
     finite = np.isfinite(out).all()
     return Comparison(
         output=output,
@@ -82,6 +86,7 @@ def compare_outputs(
         samples=int(ref.shape[0]),
         reference=names[0],
         candidate=names[1],
+        zero_rows=int(degenerate.sum()),
     )
 
 

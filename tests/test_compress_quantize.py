@@ -66,12 +66,22 @@ def test_tensorrt_int8_is_symmetric_with_qdq_on_residual_adds(teacher_bundle, tm
 
 def test_fallback_keeps_sensitive_layers_float_and_says_how_close(teacher_bundle, tmp_path):
     config = QuantizeConfig(calibration_images=16, min_cosine=1.0, max_fallback=2, sensitivity_images=8)
-    bundle, report = quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    with pytest.raises(QuantizeError, match="target not met.*mean cosine") as info:
+        quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    report = info.value.report
     assert not report.met and "target not met" in report.message
     assert 1 <= len(report.fallback_layers) <= 2
     assert report.sensitivity and report.sensitivity[0]["mean_cosine"] <= report.sensitivity[-1]["mean_cosine"]
     assert len(report.trials) == 3  # all-int8, then one and two layers kept float
+    assert not (tmp_path / "f.edge").exists()  # a missed threshold writes nothing
+
+
+def test_a_reachable_threshold_writes_the_graph_with_its_fallback(teacher_bundle, tmp_path):
+    config = QuantizeConfig(calibration_images=16, min_cosine=0.5, max_fallback=2, sensitivity_images=8)
+    bundle, report = quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    assert report.met and report.mean_cosine >= 0.5
     assert bundle.manifest.metrics["quantize"]["fallback_layers"] == report.fallback_layers
+    assert bundle.manifest.metrics["output_check"]["effective_rank"] > 1.5
 
 
 def test_fp16_graph(teacher_bundle, tmp_path):

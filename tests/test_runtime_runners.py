@@ -130,7 +130,9 @@ def test_compare_outputs_math():
     result = compare_outputs(ref, np.array([[0.0, 1.0], [0.0, 2.0]]))
     assert result.min_cosine == pytest.approx(0.0) and result.mean_cosine == pytest.approx(0.5)
     assert result.max_abs == 1.0 and result.max_rel == pytest.approx(0.5)
-    assert compare_outputs(np.zeros((1, 2)), np.zeros((1, 2))).min_cosine == 1.0
+    both_zero = compare_outputs(np.zeros((2, 2)), np.zeros((2, 2)))
+    assert both_zero.min_cosine == 0.0 and both_zero.zero_rows == 2 and not both_zero.passed(0.5)
+    assert "all-zero" in both_zero.describe()
     assert compare_outputs(ref, np.array([[np.nan, 0.0], [0.0, 2.0]])).min_cosine == float("-inf")
     with pytest.raises(RunnerError, match=r"shape \(2, 2\).*\(2, 3\)"):
         compare_outputs(ref, np.zeros((2, 3)))

@@ -42,8 +42,9 @@ def adapt_tune(
     synthetic shifts, the most recovery within the clean budget; ship clean replay images with
     the replay step settings; `adapt` then uses them."""
     from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings, write_tuned
-    from edge_ssl.bundle import Bundle, check_bundle_out, require_float_weights
+    from edge_ssl.bundle import Bundle, check_bundle_out
     from edge_ssl.data import load_images
+    from edge_ssl.lineage import require_float_weights
     from edge_ssl.models import load_encoder
 
     values = {"max_clean_drop": max_clean_drop, "probe_images": probe_images, "device": device,

@@ -1,0 +1,141 @@
+"""A stage looks at the model it is about to write: finite, varied, not collapsed vs its parent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_ssl.errors import EdgeSSLError
+
+#: Images a stage embeds to check its output (its own data when it has some, else the
+#: embedded digits at the model's input size).
+PROBE_IMAGES = 64
+#: The child's effective rank must keep this share of its parent's. Collapse drives the rank
+#: to 1 (0 for an all-zero model); a 1-epoch student of the shared teacher keeps ~0.3 of it.
+RELATIVE_RANK_FLOOR = 0.1
+#: Rows with a norm below this are zero embeddings (an image the model maps to nothing).
+ZERO_NORM = 1e-12
+
+
+class DegenerateOutputError(EdgeSSLError, ValueError):
+    """A stage's model gives embeddings that are not usable (NaN, zero, constant, collapsed)."""
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """What a stage measured on its output before writing (recorded in the metrics)."""
+
+    images: int
+    finite: bool
+    zero_rows: int
+    dim_std_mean: float
+    effective_rank: float
+    parent_effective_rank: float | None
+    rank_floor: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_images(input_spec: Any, images: np.ndarray | None = None,
+                 count: int = PROBE_IMAGES) -> np.ndarray:
+    """``count`` evenly spaced images of ``images`` (uint8 NHWC at the model's size), or the
+    embedded digits resized to the model's input when there are none of that size."""
+    size = tuple(input_spec.shape[1:])
+    if images is not None and len(images) >= 2 and tuple(images.shape[1:3]) == size:
+        step = max(1, len(images) // count)
+        return np.asarray(images[::step][:count])
+    from edge_ssl.data import _resized, embedded_default
+
+    digits = embedded_default()
+    picked = digits.subset(np.linspace(0, len(digits) - 1, count).astype(int))
+    return picked.images if size == picked.images.shape[1:3] else _resized(picked, size[0]).images
+
+
+def check_embeddings(stage: str, embeddings: np.ndarray,
+                     parent: np.ndarray | None = None) -> OutputCheck:
+    """DegenerateOutputError with the numbers unless ``embeddings`` (N, D) are finite, have no
+    zero rows, are not collapsed, and keep RELATIVE_RANK_FLOOR of ``parent``'s effective rank."""
+    from edge_ssl.evaluate import COLLAPSE_MIN_EFFECTIVE_RANK, embedding_health
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise DegenerateOutputError(
+            f"{stage} produced a model whose embeddings are not finite for {bad} of {len(x)} "
+            "probe images (NaN or inf); nothing was written. Lower the learning rate or check "
+            "the input bundle."
+        )
+    zero_rows = int((np.linalg.norm(x, axis=1) < ZERO_NORM).sum())
+    health = embedding_health(x)
+    parent_rank = None if parent is None else embedding_health(np.asarray(parent)).effective_rank
+    floor = COLLAPSE_MIN_EFFECTIVE_RANK
+    if parent_rank is not None:
+        floor = max(floor, RELATIVE_RANK_FLOOR * parent_rank)
+    check = OutputCheck(len(x), True, zero_rows, health.dim_std_mean, health.effective_rank,
+                        parent_rank, floor)
+    if zero_rows or health.collapsed or health.effective_rank < floor:
+        raise DegenerateOutputError(_describe_failure(stage, check, health.uniform_std))
+    return check
+
+
+def _describe_failure(stage: str, check: OutputCheck, uniform_std: float) -> str:
+    parent = ("" if check.parent_effective_rank is None
+              else f" (its parent's: {check.parent_effective_rank:.2f})")
+    return (
+        f"{stage} produced a degenerate model; nothing was written. On {check.images} probe "
+        f"images: {check.zero_rows} all-zero embeddings, per-dimension std "
+        f"{check.dim_std_mean:.2e} (a spread embedding has ~{uniform_std:.2e}), effective "
+        f"rank {check.effective_rank:.2f}{parent}, floor {check.rank_floor:.2f}. The stage "
+        "destroyed the representation: lower its strength (prune ratio, learning rate, "
+        "epochs) or check its input bundle with `edge-ssl eval`."
+    )
+
+
+def check_encoder(stage: str, encoder: Any, parent: Any | None = None,
+                  images: np.ndarray | None = None) -> OutputCheck:
+    """Embed probe images with ``encoder`` (and ``parent``, an encoder) and check them."""
+    from edge_ssl.evaluate import embed
+
+    probe = probe_images(encoder.spec.input, images)
+    reference = None
+    if parent is not None and tuple(parent.spec.input.shape) == tuple(encoder.spec.input.shape):
+        reference = embed(parent, probe, batch_size=PROBE_IMAGES)
+    return check_embeddings(stage, embed(encoder, probe, batch_size=PROBE_IMAGES), reference)
+
+
+def check_graph(stage: str, embed_graph: Callable[[np.ndarray], np.ndarray], input_spec: Any,
+                parent: Any | None = None, images: np.ndarray | None = None) -> OutputCheck:
+    """The same check for a model that runs as a graph (``embed_graph(images) -> (N, D)``)."""
+    from edge_ssl.evaluate import embed
+
+    probe = probe_images(input_spec, images)
+    reference = None if parent is None else embed(parent, probe, batch_size=PROBE_IMAGES)
+    return check_embeddings(stage, embed_graph(probe), reference)
+
+
+def write_stage_bundle(
+    out: str | os.PathLike,
+    encoder: Any,
+    *,
+    stage: str,
+    lineage: tuple[Any, ...],
+    parent: Any | None = None,
+    images: np.ndarray | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Check ``encoder``'s output (against ``parent``, the encoder it came from) on probe
+    images, then write it with :func:`edge_ssl.bundle.write_encoder_bundle`; the check goes
+    into the metrics as ``output_check``. A degenerate model raises and writes nothing."""
+    from edge_ssl.bundle import write_encoder_bundle
+
+    check = check_encoder(stage, encoder, parent, images)
+    metrics = {**dict(metrics or {}), "output_check": check.to_dict()}
+    return write_encoder_bundle(out, encoder, lineage=lineage, metrics=metrics,
+                                extra_files=extra_files, overwrite=overwrite)
