@@ -62,38 +62,79 @@ def stat_tree(root):
     return files
 
 
-def verify_bundle(folder):
-    """Check every file the bundle's manifest lists (size + sha256)."""
-    manifest_path = os.path.join(folder, "manifest.json")
+def _omitted(folder):
+    """Files deploy chose not to ship: only float weights, which the device cannot use."""
+    deploy_note = os.path.join(folder, DEPLOY_NOTE)
+    if not os.path.isfile(deploy_note):
+        return set()
+    try:
+        with open(deploy_note) as f:
+            return set(json.load(f).get("omitted", [])) & {"model.pt"}
+    except (OSError, ValueError, AttributeError):
+        return set()  # an unreadable note omits nothing: every file is checked
+
+
+def _file_problem(path, record):
+    if not os.path.isfile(path):
+        return "missing"
+    if os.path.getsize(path) != record.get("bytes"):
+        return "size {} != {}".format(os.path.getsize(path), record.get("bytes"))
+    if sha256_file(path) != record.get("sha256"):
+        return "sha256 mismatch"
+    return None
+
+
+def verify_bundle(folder, overlay=None):
+    """Check every file the bundle's manifest lists (size + sha256).
+
+    With ``overlay`` (a folder holding replacement files, as a repair stages them), a
+    file present there is checked instead of the one in ``folder``.
+    """
+
+    def pick(name):
+        if overlay and os.path.isfile(os.path.join(overlay, name)):
+            return os.path.join(overlay, name)
+        return os.path.join(folder, name)
+
+    manifest_path = pick("manifest.json")
     if not os.path.isfile(manifest_path):
         raise AgentError(f"{folder} has no manifest.json; it is not a deployed bundle.")
     with open(manifest_path, "rb") as f:
         raw = f.read()
-    manifest = json.loads(raw.decode("utf-8"))
-    omitted = set()  # files deploy chose not to ship (float weights the device cannot use)
-    deploy_note = os.path.join(folder, DEPLOY_NOTE)
-    if os.path.isfile(deploy_note):
-        with open(deploy_note) as f:
-            # only float weights may be left out; a runnable model never is
-            omitted = set(json.load(f).get("omitted", [])) & {"model.pt"}
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        files = json.loads(raw.decode("utf-8"))["files"]
+        records = sorted(files.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        bad = [{"file": "manifest.json", "problem": "unreadable"}]
+        return {"ok": False, "bad": bad, "manifest_sha256": digest, "files": 0, "omitted": []}
+    omitted = _omitted(folder) if overlay is None or not os.path.isfile(
+        os.path.join(overlay, DEPLOY_NOTE)) else _omitted(overlay)
     bad = []
-    for name, record in sorted(manifest.get("files", {}).items()):
-        if name in omitted:
-            continue
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            bad.append({"file": name, "problem": "missing"})
-        elif os.path.getsize(path) != record["bytes"]:
-            bad.append({"file": name, "problem": "size {} != {}".format(os.path.getsize(path), record["bytes"])})
-        elif sha256_file(path) != record["sha256"]:
-            bad.append({"file": name, "problem": "sha256 mismatch"})
-    return {
-        "ok": not bad,
-        "bad": bad,
-        "manifest_sha256": hashlib.sha256(raw).hexdigest(),
-        "files": len(manifest.get("files", {})) - len(omitted),
-        "omitted": sorted(omitted),
-    }
+    for name, record in records:
+        problem = None if name in omitted else _file_problem(pick(name), record)
+        if problem:
+            bad.append({"file": name, "problem": problem})
+    return {"ok": not bad, "bad": bad, "manifest_sha256": digest,
+            "files": len(files) - len(omitted), "omitted": sorted(omitted)}
+
+
+def describe_bad(bad):
+    """'model.onnx (sha256 mismatch), blob.bin (missing)' from a verify report's ``bad``."""
+    return ", ".join("{} ({})".format(b["file"], b["problem"]) for b in bad)
+
+
+def check_version(app, version, overlay=None):
+    """verify_bundle's report for versions/<version>; damage is reported, never raised."""
+    folder = os.path.join(app, "versions", version)
+    if not os.path.isdir(folder):
+        bad = [{"file": "versions/" + version, "problem": "missing"}]
+        return {"ok": False, "bad": bad, "manifest_sha256": None, "files": 0, "omitted": []}
+    manifest = os.path.join(overlay or folder, "manifest.json")
+    if not os.path.isfile(manifest) and not os.path.isfile(os.path.join(folder, "manifest.json")):
+        bad = [{"file": "manifest.json", "problem": "missing"}]
+        return {"ok": False, "bad": bad, "manifest_sha256": None, "files": 0, "omitted": []}
+    return verify_bundle(folder, overlay)
 
 
 # ---------------------------------------------------------------- deployments
@@ -137,30 +178,62 @@ def current_version(app):
 
 
 def activate(root, name, version, keep, expect_manifest=None):
-    """Promote staging/<version> (verified) to versions/<version> and switch current to it."""
+    """Promote staging/<version> (verified) to versions/<version> and switch current to it.
+
+    A deployed version that fails verification is repaired from the files deploy staged
+    for it (each replaced atomically once all of them verify) before the switch.
+    """
     app = _app_dir(root, name)
     staged = os.path.join(app, "staging", version)
     final = os.path.join(app, "versions", version)
+    repaired = []
     if not os.path.isdir(final):
         if not os.path.isdir(staged):
             raise AgentError(f"version {version} is neither staged nor deployed under {app}.")
         report = verify_bundle(staged)
         if not report["ok"]:
-            raise AgentError("staged bundle failed sha256 verification: {}; run deploy again.".format(report["bad"]))
+            raise AgentError("staged bundle failed sha256 verification: {}; run deploy again.".format(
+                describe_bad(report["bad"])))
         if expect_manifest and report["manifest_sha256"] != expect_manifest:
             raise AgentError("the staged manifest is not the one being deployed; run deploy again.")
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.rename(staged, final)
     else:
-        report = verify_bundle(final)
-        if not report["ok"]:
-            raise AgentError("deployed version {} is damaged: {}".format(version, report["bad"]))
+        report = check_version(app, version)
+        if not report["ok"] or (expect_manifest and report["manifest_sha256"] != expect_manifest):
+            if not os.path.isdir(staged):
+                raise AgentError(
+                    "deployed version {} of {} is damaged: {}; run the same deploy again: it "
+                    "re-sends the damaged files and repairs the version.".format(
+                        version, name, describe_bad(report["bad"]) or "manifest differs"))
+            repaired = repair_version(final, staged, expect_manifest)
     previous = current_version(app)
     _switch_link(app, version)
     history = [v for v in _read_history(app) if v != version] + [version]
     _write_atomic(os.path.join(app, "history.json"), json.dumps(history))
     removed = prune(app, history, keep)
-    return {"ok": True, "current": version, "previous": previous, "removed": removed}
+    return {"ok": True, "current": version, "previous": previous, "removed": removed,
+            "repaired": repaired}
+
+
+def repair_version(final, staged, expect_manifest=None):
+    """Replace a damaged version's files with the staged ones, once every file verifies."""
+    report = verify_bundle(final, overlay=staged)
+    if not report["ok"]:
+        raise AgentError("the files sent to repair {} still fail verification: {}; run deploy "
+                         "again.".format(final, describe_bad(report["bad"])))
+    if expect_manifest and report["manifest_sha256"] != expect_manifest:
+        raise AgentError("the repaired manifest is not the one being deployed; run deploy again.")
+    replaced = []
+    for folder, _dirs, names in os.walk(staged):
+        for name in names:
+            source = os.path.join(folder, name)
+            target = os.path.join(final, os.path.relpath(source, staged))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)  # one file at a time, each atomic
+            replaced.append(os.path.relpath(source, staged))
+    shutil.rmtree(staged, ignore_errors=True)
+    return sorted(replaced)
 
 
 def prune(app, history, keep):
@@ -176,27 +249,79 @@ def prune(app, history, keep):
     return removed
 
 
+def deployed_names(root):
+    folder = os.path.join(root, "deployments")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def kept_versions(app):
+    folder = os.path.join(app, "versions")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _describe_kept(kept, current):
+    return ", ".join(v + (" (current)" if v == current else "") for v in kept) or "none"
+
+
+def _rollback_target(root, name, app, current, kept):
+    """The version to switch back to: the one activated before ``current`` that is still kept."""
+    if not kept:
+        names = deployed_names(root)
+        raise AgentError("nothing named {!r} was ever deployed under {} (deployed names: {}). Use "
+                         "the deployment name: the bundle's name, or deploy's --name.".format(
+                             name, root, ", ".join(names) or "none"))
+    previous = [v for v in _read_history(app) if v != current and v in kept]
+    if previous:
+        return previous[-1]
+    others = [v for v in kept if v != current]
+    hint = ("switch to one with --version ({})".format(", ".join(others)) if others else
+            "versions beyond deploy's --keep are pruned; deploy with a larger --keep to keep more")
+    raise AgentError("{} has no previous version to roll back to (current: {}); {}.".format(
+        name, current, hint))
+
+
 def rollback(root, name, to_version=None):
     """Switch back to the version activated before the current one (or ``to_version``).
 
     The history is a stack of activations: the current version leaves it, so a second
-    rollback goes one step further back (as long as that version is still kept).
+    rollback goes one step further back (as long as that version is still kept). The
+    version switched to is verified first; a damaged one is refused.
     """
     app = _app_dir(root, name)
     current = current_version(app)
-    remaining = [v for v in _read_history(app) if v != current]
-    kept = [v for v in remaining if os.path.isdir(os.path.join(app, "versions", v))]
+    kept = kept_versions(app)
     if to_version is None:
-        if not kept:
-            raise AgentError(f"{name} has no previous version to roll back to (current: {current}); "
-                             "older ones were pruned (deploy with a larger --keep).")
-        to_version = kept[-1]
-    elif not os.path.isdir(os.path.join(app, "versions", to_version)):
-        raise AgentError(f"version {to_version} of {name} is not kept on the device (kept: {kept}).")
+        to_version = _rollback_target(root, name, app, current, kept)
+    elif to_version not in kept:
+        raise AgentError("version {} of {} is not on the device; versions kept there: {}. Pass one "
+                         "of them to --version.".format(to_version, name, _describe_kept(kept, current)))
+    report = check_version(app, to_version)
+    if not report["ok"]:
+        raise AgentError(
+            "version {} of {} is damaged on the device: {}; refusing to switch to it (current "
+            "stays {}). Repair it by deploying that bundle again (`edge-ssl deploy BUNDLE --to "
+            "TARGET --name {}`): deploy re-sends the damaged files and verifies them.".format(
+                to_version, name, describe_bad(report["bad"]), current, name))
+    remaining = [v for v in _read_history(app) if v != current]
     _switch_link(app, to_version)
     history = [v for v in remaining if v != to_version] + [to_version]
     _write_atomic(os.path.join(app, "history.json"), json.dumps(history))
-    return {"ok": True, "current": to_version, "previous": current}
+    return {"ok": True, "current": to_version, "previous": current, "verified_files": report["files"],
+            "kept": kept}
+
+
+def check_deployments(root, name=None, version=None):
+    """Verify `current` of every deployment under root (or of ``name``; or its ``version``)."""
+    report = {}
+    for each in [name] if name else deployed_names(root):
+        app = _app_dir(root, each)
+        current = current_version(app)
+        chosen = version or current
+        entry = {"current": current, "version": chosen, "kept": kept_versions(app)}
+        if chosen is not None:
+            entry.update(check_version(app, chosen))
+        report[each] = entry
+    return {"ok": True, "deployments": report}
 
 
 def status(root, name):
@@ -518,6 +643,10 @@ def _parser():
     p.add_argument("folder")
     p = sub.add_parser("verify")
     p.add_argument("folder")
+    p = sub.add_parser("check", help="Verify deployed versions (default: every deployment's current).")
+    p.add_argument("--root", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("--version", default=None)
     for name in ("activate", "rollback", "status"):
         p = sub.add_parser(name)
         p.add_argument("--root", required=True)
@@ -554,6 +683,8 @@ def dispatch(args):
         return {"ok": True, "files": stat_tree(args.folder)}
     if args.command == "verify":
         return verify_bundle(args.folder)
+    if args.command == "check":
+        return check_deployments(args.root, args.name, args.version)
     if args.command == "activate":
         return activate(args.root, args.name, args.version, args.keep, args.expect_manifest)
     if args.command == "rollback":

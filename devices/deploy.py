@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_ssl.devices.detect import jetpack_for_l4t, parse_nvpmodel_query, parse_tegra_release
 from edge_ssl.devices.profiles import DeviceProfile, get_profile, match_profile
-from edge_ssl.devices.target import DiskFullError, Target
+from edge_ssl.devices.target import DiskFullError, Target, TargetConnectionError
 
 from edge_ssl.bundle import MANIFEST_NAME, WEIGHTS_NAME, Bundle, sha256_file
 from edge_ssl.errors import ConfigError, EdgeSSLError
@@ -66,6 +66,7 @@ class DeployResult:
     skipped_files: list[str] = field(default_factory=list)
     engine: str | None = None
     omitted_files: list[str] = field(default_factory=list)
+    repaired_files: list[str] = field(default_factory=list)  # damaged on the device, re-sent
     profile: str | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -164,10 +165,10 @@ def omitted_files(bundle: Bundle, options: DeployOptions) -> list[str]:
     return [name for name in bundle.manifest.files if name == WEIGHTS_NAME]
 
 
-def _bundle_files(bundle: Bundle, omitted: list[str]) -> dict[str, Path]:
+def _bundle_files(bundle: Bundle, omitted: list[str], only: set[str] | None = None) -> dict[str, Path]:
     files = {name: bundle.path / name for name in sorted(bundle.manifest.files) if name not in omitted}
     files[MANIFEST_NAME] = bundle.path / MANIFEST_NAME  # last: a staged manifest means all sent
-    return files
+    return {name: path for name, path in files.items() if only is None or name in only}
 
 
 def check_space(bundle: Bundle, info: dict[str, Any], remote: dict[str, Any], omitted: list[str]) -> None:
@@ -186,14 +187,15 @@ def check_space(bundle: Bundle, info: dict[str, Any], remote: dict[str, Any], om
 
 def upload_bundle(bundle: Bundle, target: Target, staging: str, remote: dict[str, Any],
                   result: DeployResult, omitted: list[str],
-                  progress: Callable[[str, int, int], None] | None = None) -> None:
-    """Send every file not already staged intact; resume files that arrived partially.
+                  progress: Callable[[str, int, int], None] | None = None,
+                  only: set[str] | None = None) -> None:
+    """Send every file (of ``only``) not already staged intact; resume partial ones.
 
     ``remote`` is the agent's `stat` of the staging folder: {name: {bytes, sha256}}.
     """
     note = json.dumps({"omitted": omitted, "manifest_sha256": bundle.manifest_sha256}).encode()
     target.write_file(f"{staging}/{DEPLOY_NOTE}", note)
-    for name, path in _bundle_files(bundle, omitted).items():
+    for name, path in _bundle_files(bundle, omitted, only).items():
         size = path.stat().st_size
         have = remote.get(name)
         offset = 0
@@ -205,7 +207,13 @@ def upload_bundle(bundle: Bundle, target: Target, staging: str, remote: dict[str
             if offset:
                 result.resumed_files.append(name)
         report = (lambda sent, n=name, s=size, o=offset: progress(n, o + sent, s)) if progress else None
-        result.uploaded_bytes += target.upload(path, f"{staging}/{name}", offset=offset, progress=report)
+        try:
+            result.uploaded_bytes += target.upload(path, f"{staging}/{name}", offset=offset, progress=report)
+        except TargetConnectionError as exc:
+            raise type(exc)(
+                f"{exc} The upload of {name} stopped; what arrived is kept on the device and the "
+                "deployed version keeps serving. Run the same deploy again: it resumes the upload."
+            ) from exc
 
 
 def sha256_file_prefix(path: Path, length: int) -> str:
@@ -243,7 +251,9 @@ def deploy(bundle_path: str | os.PathLike, target: Target, options: DeployOption
     state = info["deployment"]
     result = DeployResult(target=target.label, name=name, version=version, previous=state["current"],
                           profile=profile.key if profile else None, warnings=warnings)
-    if version not in state["versions"]:
+    if version in state["versions"]:
+        result.repaired_files = _stage_repair(bundle, target, name, version, options, result, progress)
+    else:
         staging = f"{app_dir(target, name)}/staging/{version}"
         staged = target.agent("stat", staging)["files"]
         omitted = omitted_files(bundle, options)
@@ -253,12 +263,33 @@ def deploy(bundle_path: str | os.PathLike, target: Target, options: DeployOption
         if options.build_engine:
             _verify_staged(target, staging, bundle)
             result.engine = _build_engine(target, staging, bundle, profile, info, options)
-    # activate re-verifies every staged file and the manifest before the atomic switch
+    # activate re-verifies every staged file and the manifest before the atomic switch (and
+    # repairs a damaged deployed version from the files staged for it)
     switched = target.agent("activate", "--root", target.root, "--name", name, "--version", version,
                             "--keep", str(options.keep), "--expect-manifest", bundle.manifest_sha256)
     result.previous = switched["previous"]
     result.seconds = time.monotonic() - started
     return result
+
+
+def _stage_repair(bundle: Bundle, target: Target, name: str, version: str, options: DeployOptions,
+                  result: DeployResult, progress: Callable[[str, int, int], None] | None) -> list[str]:
+    """Stage fresh copies of what is damaged in the deployed ``version``; the damaged names.
+
+    A damaged or foreign manifest means nothing in the folder can be trusted: all is re-sent.
+    """
+    health = target.agent("check", "--root", target.root, "--name", name, "--version", version)
+    health = health["deployments"][name]
+    if health["ok"] and health["manifest_sha256"] == bundle.manifest_sha256:
+        return []
+    damaged = sorted(b["file"] for b in health["bad"]) or [MANIFEST_NAME]
+    omitted = omitted_files(bundle, options)
+    resend = set(damaged) if health["manifest_sha256"] == bundle.manifest_sha256 else None
+    staging = f"{app_dir(target, name)}/staging/{version}"
+    staged = target.agent("stat", staging)["files"]
+    upload_bundle(bundle, target, staging, staged, result, omitted, progress, only=resend)
+    result.omitted_files = omitted
+    return damaged
 
 
 def _verify_staged(target: Target, staging: str, bundle: Bundle) -> None:
@@ -278,8 +309,13 @@ def _build_engine(target: Target, staging: str, bundle: Bundle, profile: DeviceP
     return built["engine"]
 
 
+def _describe_bad(bad: list[dict[str, str]]) -> str:
+    return ", ".join(f"{b['file']} ({b['problem']})" for b in bad)
+
+
 def rollback(target: Target, name: str, to_version: str | None = None) -> dict[str, Any]:
-    """Point `current` back at the previous kept version (or ``to_version``)."""
+    """Point `current` back at the previous kept version (or ``to_version``) once the agent
+    has verified that version's files; a damaged version is refused (TargetError)."""
     args = ["--root", target.root, "--name", name] + (["--to", to_version] if to_version else [])
     return target.agent("rollback", *args)
 
@@ -297,6 +333,7 @@ def verify_deployment(target: Target, name: str, version: str | None = None) -> 
     if not report["ok"]:
         raise DeployError(
             f"{target.label}: deployed version {version} of {name} was modified on the device: "
-            f"{report['bad']}. Roll back (`edge-ssl rollback`) or deploy a new version."
+            f"{_describe_bad(report['bad'])}. Deploy the same bundle again to repair it "
+            "(`edge-ssl deploy BUNDLE --to TARGET`), or roll back (`edge-ssl rollback`)."
         )
     return report

@@ -30,13 +30,29 @@ _RESULTS_LOCK = threading.Lock()
 BACKENDS = ("onnxruntime", "trtexec")
 
 
-def remote_doctor(target: Target) -> dict[str, Any]:
-    """What the device offers edge-ssl: python, numpy, runtimes, JetPack, clocks, space."""
+def remote_doctor(target: Target, name: str | None = None) -> dict[str, Any]:
+    """What the device offers edge-ssl (python, numpy, runtimes, JetPack, clocks, space) and
+    whether each deployment's `current` (or ``name``'s) still matches its manifest sha256s."""
     info = target.agent("info", "--root", target.root)
     facts = device_facts(info)
     profile, _ = resolve_profile(None, info)
+    args = ["--root", target.root] + (["--name", name] if name else [])
+    deployments = target.agent("check", *args)["deployments"]
+    warnings = environment_warnings(info) + integrity_warnings(deployments)
     return {"target": target.label, "profile": profile.key if profile else None,
-            "warnings": environment_warnings(info), **facts, "agent": info}
+            "warnings": warnings, "deployments": deployments, **facts, "agent": info}
+
+
+def integrity_warnings(deployments: dict[str, Any]) -> list[str]:
+    """One line per deployment whose `current` failed verification: the files, the fix."""
+    return [
+        f"deployment {name}: current version {entry['version']} is DAMAGED ("
+        + ", ".join(f"{b['file']}: {b['problem']}" for b in entry["bad"])
+        + f"); deploy the same bundle again to repair it (`edge-ssl deploy BUNDLE --to TARGET"
+        f" --name {name}`) or roll back"
+        for name, entry in sorted(deployments.items())
+        if entry["version"] is not None and not entry["ok"]
+    ]
 
 
 def environment_warnings(info: dict[str, Any]) -> list[str]:

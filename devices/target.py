@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -109,9 +110,8 @@ class Target:
 
     # -- shared
     def _failure(self, argv: Sequence[str], code: int, stderr: str) -> TargetError:
-        return TargetError(
-            f"{self.label}: `{shlex.join(argv)[:160]}` exited {code}: {stderr.strip()[-400:]}"
-        )
+        reason = stderr.strip()[-400:] or "(it printed no error message)"
+        return TargetError(f"{self.label}: `{shlex.join(argv)[:160]}` exited {code}: {reason}")
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None, stdin: bytes | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
@@ -391,16 +391,37 @@ class SSHTarget(Target):
             raise HostKeyError(
                 f"{self.label}: the device's SSH host key CHANGED since it was recorded in "
                 "known_hosts; refusing to connect (this can be an attack). If the device was "
-                f"re-flashed, remove the old key with `ssh-keygen -R {self.host}` and connect again."
+                f"re-flashed, remove the old key with `{self.forget_key_command(stderr)}` and "
+                "connect again."
             )
         if "Host key verification failed" in stderr or "No ED25519 host key is known" in stderr \
                 or "host key is known" in stderr:
             raise HostKeyError(
                 f"{self.label}: the device's SSH host key is not in known_hosts; refusing to "
                 "connect. Verify it (`ssh-keyscan` + compare the fingerprint on the device) or "
-                "pass --accept-new-host to record it on first use."
+                "pass --accept-new-host (or set EDGE_SSL_ACCEPT_NEW_HOST=1) to record it on "
+                "first use."
             )
-        raise TargetConnectionError(f"{self.label}: SSH connection failed: {stderr.strip()[-300:]}")
+        reason = stderr.strip()[-300:] or (
+            "ssh exited 255 without a message: the connection was closed (the device "
+            "rebooted, lost its network, or its sshd stopped).")
+        raise TargetConnectionError(f"{self.label}: SSH connection failed: {reason}")
+
+    def forget_key_command(self, stderr: str = "") -> str:
+        """The `ssh-keygen -R` line that removes this device's recorded key.
+
+        Taken from what ssh printed (the entry it checked, e.g. '[127.0.0.1]:2222' behind a
+        ~/.ssh/config alias, and the known_hosts file); else built from host and port.
+        """
+        entry = re.search(r"Host key for (\S+) has changed", stderr)
+        offending = re.search(r"Offending \S+ key in (.+):\d+\s*$", stderr, re.MULTILINE)
+        name = entry.group(1) if entry else (
+            f"[{self.host}]:{self.port}" if self.port and self.port != 22 else self.host)
+        argv = ["ssh-keygen"]
+        default = Path.home() / ".ssh" / "known_hosts"
+        if offending and Path(offending.group(1)).expanduser() != default:
+            argv += ["-f", offending.group(1)]
+        return shlex.join(argv + ["-R", name])
 
     def close(self) -> None:
         if self._control_dir and self._master_started:

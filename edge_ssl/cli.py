@@ -391,12 +391,13 @@ def _dc(obj: Any) -> dict[str, Any]:
 def doctor(
     as_json: JsonOpt = False,
     on: Annotated[str | None, typer.Option("--on", help="Check a device instead: ssh://user@host[:port] (see `edge-ssl device-doctor --help`).")] = None,
+    accept_new_host: Annotated[bool, typer.Option("--accept-new-host", help="With --on: record an unknown host key on first use (a CHANGED key is always refused).")] = False,
 ) -> None:
     """Report Python, torch, CUDA, onnxruntime providers, TensorRT and Jetson detection."""
     if on:  # devices engineer: the on-device agent answers (edge_ssl.devices.remote)
         from edge_ssl.commands.devices import doctor_on_device
 
-        doctor_on_device(on, as_json)
+        doctor_on_device(on, as_json, accept_new_host=accept_new_host)
         return
     from edge_ssl.doctor import CHECKS, register_check, run_checks
 

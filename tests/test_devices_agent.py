@@ -59,6 +59,47 @@ def test_local_deploy_keeps_n_versions_and_rolls_back(tmp_path):
             rollback(target, "tiny")  # the version before that was pruned (keep=2)
 
 
+def test_rollback_errors_name_what_is_really_on_the_device(tmp_path):
+    settings = SSHSettings(python=sys.executable, remote_root=str(tmp_path / "root"))
+    bundles = [_tiny_bundle(tmp_path / f"b{i}.edge", i) for i in range(2)]
+    with parse_target("local", settings) as target:
+        first, second = (deploy(b, target, DeployOptions()) for b in bundles)
+        assert rollback(target, "tiny")["current"] == first.version  # `second` leaves the history
+        with pytest.raises(TargetError, match="not on the device") as unknown:
+            rollback(target, "tiny", "deadbeef")
+        assert f"{first.version} (current)" in str(unknown.value) and second.version in str(unknown.value)
+        with pytest.raises(TargetError, match="no previous version") as nothing_before:
+            rollback(target, "tiny")
+        assert f"--version ({second.version})" in str(nothing_before.value)  # still there: say how
+        assert "pruned" not in str(nothing_before.value)
+        with pytest.raises(TargetError, match="nothing named 'tiny2' was ever deployed") as never:
+            rollback(target, "tiny2")
+        assert "deployed names: tiny" in str(never.value)
+        assert rollback(target, "tiny", second.version)["current"] == second.version
+
+
+def test_changed_key_hint_names_the_known_hosts_entry():
+    from edge_ssl.devices.target import SSHTarget
+
+    with_port = SSHTarget("nvidia", "127.0.0.1", 2222, SSHSettings())
+    assert with_port.forget_key_command() == "ssh-keygen -R '[127.0.0.1]:2222'"
+    assert SSHTarget(None, "orin.local", None, SSHSettings()).forget_key_command() == "ssh-keygen -R orin.local"
+    said = ('Offending ED25519 key in /tmp/kh file:3\n  remove with:\n'
+            'Host key for [10.0.0.7]:2200 has changed and you have requested strict checking.\n')
+    assert with_port.forget_key_command(said) == "ssh-keygen -f '/tmp/kh file' -R '[10.0.0.7]:2200'"
+
+
+@pytest.mark.parametrize("command", ["deploy", "rollback", "bench", "device-bench", "doctor",
+                                     "device-doctor", "adapt"])
+def test_every_command_that_connects_accepts_accept_new_host(command):
+    from typer.testing import CliRunner
+
+    from edge_ssl.cli import app
+
+    done = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert done.exit_code == 0 and "--accept-new-host" in done.stdout
+
+
 def test_deploy_refuses_a_precision_the_board_lacks(tmp_path):
     from edge_ssl.bundle import BundleWriter
     from edge_ssl.spec import EncoderSpec, InputSpec

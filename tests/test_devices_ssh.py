@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,10 +222,12 @@ def test_cut_connection_mid_upload_keeps_previous_and_resumes(device, settings, 
     app = Path(settings.remote_root) / "deployments" / "enc"
     pull_the_plug = _when_partly_arrived(lambda: app / "staging", device.kill)
     try:
-        with parse_target("ssh://device", settings) as target, pytest.raises(TargetError):
+        with parse_target("ssh://device", settings) as target, pytest.raises(TargetError) as cut:
             deploy(bundles["v2"], target, DeployOptions(name="enc"), progress=pull_the_plug)
     finally:
         device.start()
+    assert "run the same deploy again: it resumes" in str(cut.value).lower()
+    assert not re.search(r"failed: *(The upload|$)", str(cut.value))  # a reason, never empty
     assert os.readlink(app / "current") == f"versions/{first.version}"
     with parse_target("ssh://device", settings) as target:
         assert verify_deployment(target, "enc")["ok"]
@@ -279,8 +282,10 @@ def test_full_remote_disk_keeps_previous_and_resumes(device, settings, bundles, 
 def test_changed_host_key_is_refused(device, settings):
     device.trust(device.home / "other_host_key.pub")
     try:
-        with parse_target("ssh://device", settings) as target, pytest.raises(HostKeyError, match="CHANGED"):
+        with parse_target("ssh://device", settings) as target, pytest.raises(HostKeyError, match="CHANGED") as refused:
             target.agent("info", "--root", target.root)
+        # the entry ssh checked behind the ~/.ssh/config alias, quoted for the shell
+        assert f"-R '[127.0.0.1]:{device.port}'" in str(refused.value)
     finally:
         device.trust(device.home / "host_key.pub")
 
@@ -308,6 +313,57 @@ def test_tampered_file_on_the_device_is_detected(device, settings, bundles):
             verify_deployment(target, "enc")
         with pytest.raises(DeployError, match="modified on the device"):
             remote_bench(bundles["v1"], target, name="enc", duration_s=0.1, warmup_s=0)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_rollback_to_a_tampered_version_is_refused(device, settings, bundles):
+    with parse_target("ssh://device", settings) as target:
+        first = deploy(bundles["v1"], target, DeployOptions(name="enc"))
+        second = deploy(bundles["v2"], target, DeployOptions(name="enc"))
+        app = Path(settings.remote_root) / "deployments" / "enc"
+        _flip_a_byte(app / "versions" / first.version / "model.onnx")
+        for version in (first.version, None):  # named, and the default previous version
+            with pytest.raises(TargetError, match="damaged") as refused:
+                rollback(target, "enc", version)
+            assert "model.onnx (sha256 mismatch)" in str(refused.value)
+            assert "edge-ssl deploy" in str(refused.value)
+            assert os.readlink(app / "current") == f"versions/{second.version}"
+        with pytest.raises(TargetError, match="not on the device") as unknown:
+            rollback(target, "enc", "deadbeef")
+        assert f"{second.version} (current), {first.version}" in str(unknown.value) or \
+            f"{first.version}, {second.version} (current)" in str(unknown.value)
+        with pytest.raises(TargetError, match="nothing named 'encoder' was ever deployed"):
+            rollback(target, "encoder")
+
+
+def test_redeploying_a_damaged_version_repairs_it(device, settings, bundles, monkeypatch):
+    _device_env(monkeypatch, device, settings)
+    name = ["--to", "ssh://device", "--name", "cli"]
+    assert _cli(["deploy", str(bundles["v2"]), *name]).returncode == 0
+    app = Path(settings.remote_root) / "deployments" / "cli"
+    deployed = app / os.readlink(app / "current")
+    _flip_a_byte(deployed / "model.onnx")
+    doctor = _cli(["doctor", "--on", "ssh://device"])
+    assert doctor.returncode == 1  # a damaged `current` is a finding, named with its file
+    assert "DAMAGED: model.onnx (sha256 mismatch)" in doctor.stdout
+    assert "clocks pinned: unknown (" in doctor.stdout
+    repaired = _cli(["deploy", str(bundles["v2"]), *name, "--json"])
+    assert repaired.returncode == 0, repaired.stderr
+    result = json.loads(repaired.stdout)[0]["result"]
+    assert result["repaired_files"] == ["model.onnx"]
+    assert result["uploaded_bytes"] == (bundles["v2"] / "model.onnx").stat().st_size  # only that file
+    assert app / os.readlink(app / "current") == deployed and not (app / "staging" / deployed.name).exists()
+    (deployed / "blob.bin").write_bytes(b"")  # a file emptied on the device
+    told = _cli(["deploy", str(bundles["v2"]), *name])
+    assert told.returncode == 0 and "repaired version" in told.stdout and "blob.bin" in told.stdout
+    healthy = _cli(["doctor", "--on", "ssh://device", "--json"])
+    assert healthy.returncode == 0, healthy.stderr
+    assert json.loads(healthy.stdout)["deployments"]["cli"]["ok"]
 
 
 def test_device_without_onnxruntime_says_what_to_install(device, settings, bundles, tmp_path):

@@ -50,6 +50,7 @@ def adapt(
         "Host runs only.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop or power cut.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    accept_new_host: Annotated[bool, typer.Option("--accept-new-host", help="With --on: record an unknown host key on first use (a CHANGED key is always refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Adapt an encoder on unlabeled local images: AdaBN, then guarded SSL + distillation steps."""
@@ -63,7 +64,7 @@ def adapt(
     config = AdaptConfig.from_dict(settings)  # checked here, before anything reaches a device
     if train_on not in ("device", "host"):
         raise typer.BadParameter(f"--train-on must be device or host; got {train_on!r}.")
-    target = _open_target(on) if on else None
+    target = _open_target(on, accept_new_host) if on else None
     if target is not None and train_on == "device":
         if not data:
             raise typer.BadParameter("--train-on device needs --data: the images' path on the device.")
@@ -179,11 +180,11 @@ def _summary(console: Any, result: Any, deploy: Any) -> None:
         console.print(f"deployed version {deploy['version']} (previous {deploy['previous']}, kept for rollback)")
 
 
-def _open_target(spec: str) -> Any:
+def _open_target(spec: str, accept_new_host: bool = False) -> Any:
     from edge_ssl.commands.devices import env_settings
     from edge_ssl.devices.target import parse_target
 
-    return parse_target(spec, env_settings())
+    return parse_target(spec, env_settings(accept_new_host))
 
 
 def _profile_memory_gb(profile: str | None, target: Any) -> float | None:

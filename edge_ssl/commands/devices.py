@@ -36,10 +36,12 @@ def _settings(ssh_config: str | None, python: str, remote_root: str | None, acce
                        accept_new_host=accept_new_host, command_timeout_s=timeout)
 
 
-def env_settings() -> Any:
-    """SSH settings from the environment, for `bench --on` / `doctor --on` (owned elsewhere)."""
+def env_settings(accept_new_host: bool = False) -> Any:
+    """SSH settings from the environment, for `bench --on` / `doctor --on` (owned elsewhere);
+    ``accept_new_host`` is their --accept-new-host flag (EDGE_SSL_ACCEPT_NEW_HOST=1 also sets it)."""
     return _settings(os.environ.get("EDGE_SSL_SSH_CONFIG"), os.environ.get("EDGE_SSL_DEVICE_PYTHON", "python3"),
-                     os.environ.get("EDGE_SSL_REMOTE_ROOT"), os.environ.get("EDGE_SSL_ACCEPT_NEW_HOST") == "1")
+                     os.environ.get("EDGE_SSL_REMOTE_ROOT"),
+                     accept_new_host or os.environ.get("EDGE_SSL_ACCEPT_NEW_HOST") == "1")
 
 
 # ---------------------------------------------------------------- profiles
@@ -107,12 +109,16 @@ def _print_fleet(title: str, outcomes: list[Any], columns: dict[str, Any]) -> No
     Console().print(table)
 
 
-def _finish(outcomes: list[Any], title: str, columns: dict[str, Any], as_json: bool) -> None:
+def _finish(outcomes: list[Any], title: str, columns: dict[str, Any], as_json: bool,
+            notes: Any = None) -> None:
+    """Print the fleet table (or JSON); ``notes(result)`` adds lines under it per host."""
     if as_json:
         emit_json([o.to_dict() for o in outcomes])
     else:
         _print_fleet(title, outcomes, columns)
         for row in outcomes:
+            for note in notes(row.result) if notes and row.ok else []:
+                typer.echo(f"{row.target}: {note}")
             for warning in (row.result or {}).get("warnings", []):
                 typer.echo(f"warning ({row.target}): {warning}", err=True)
     if not all(o.ok for o in outcomes):
@@ -151,7 +157,14 @@ def deploy(
         "version": lambda r: r["version"], "previous": lambda r: r["previous"] or "-",
         "uploaded": lambda r: f"{r['uploaded_bytes'] / 2**20:.1f} MiB",
         "resumed": lambda r: ",".join(r["resumed_files"]) or "-", "engine": lambda r: r["engine"] or "-",
-    }, as_json)
+    }, as_json, notes=_repair_note)
+
+
+def _repair_note(result: dict[str, Any]) -> list[str]:
+    if not result.get("repaired_files"):
+        return []
+    return [f"repaired version {result['version']}: {', '.join(result['repaired_files'])} "
+            "had been damaged on the device; re-sent, verified, then switched."]
 
 
 @app.command()
@@ -174,20 +187,22 @@ def rollback(
     outcomes = run_on_fleet(collect_targets(to, hosts), settings,
                             lambda target: run_rollback(target, name, version))
     _finish(outcomes, f"rollback {name}", {"current": lambda r: r["current"],
-                                           "was": lambda r: r["previous"] or "-"}, as_json)
+                                           "was": lambda r: r["previous"] or "-",
+                                           "verified": lambda r: f"{r.get('verified_files', '?')} files"},
+            as_json)
 
 
 # ---------------------------------------------------------------- remote bench / doctor
 def bench_on_devices(bundle: Path, on: list[str], *, backend: str = "auto", batch_sizes: tuple[int, ...] = (1,),
                      duration: float = 10.0, warmup: float = 2.0, iterations: int | None = None,
                      threads: int | None = None, record: bool = True, as_json: bool = False,
-                     settings: Any = None) -> None:
+                     settings: Any = None, accept_new_host: bool = False) -> None:
     """`edge-ssl bench B.edge --on TARGET`: the agent measures on each device; results recorded locally."""
     from edge_ssl.devices.fleet import run_on_fleet
     from edge_ssl.devices.remote import remote_bench
 
     remote_backend = "trtexec" if backend in ("tensorrt", "trtexec") else "onnxruntime"
-    outcomes = run_on_fleet(list(dict.fromkeys(on)), settings or env_settings(), lambda target: remote_bench(
+    outcomes = run_on_fleet(list(dict.fromkeys(on)), settings or env_settings(accept_new_host), lambda target: remote_bench(
         bundle, target, backend=remote_backend, batch_sizes=batch_sizes, duration_s=duration,
         warmup_s=warmup, iterations=iterations, threads=threads, record=record))
     first = str(batch_sizes[0])
@@ -224,16 +239,44 @@ def device_bench(
                      settings=_settings(ssh_config, python, remote_root, accept_new_host))
 
 
-def doctor_on_device(on: str, as_json: bool = False, settings: Any = None) -> None:
-    """`edge-ssl doctor --on TARGET`: what the device offers, through the agent."""
+def doctor_on_device(on: str, as_json: bool = False, settings: Any = None, name: str | None = None,
+                     accept_new_host: bool = False) -> None:
+    """`edge-ssl doctor --on TARGET`: what the device offers, and whether what is deployed
+    there is intact; exits 1 when a deployment's `current` fails verification."""
     from edge_ssl.devices.remote import remote_doctor
     from edge_ssl.devices.target import parse_target
 
-    with parse_target(on, settings or env_settings()) as target:
-        report = remote_doctor(target)
+    with parse_target(on, settings or env_settings(accept_new_host)) as target:
+        report = remote_doctor(target, name)
+    damaged = any(e["version"] is not None and not e["ok"] for e in report["deployments"].values())
     if as_json:
         emit_json(report)
-        return
+    else:
+        _print_doctor(report)
+    if damaged:
+        raise typer.Exit(1)
+
+
+def clocks_text(pinned: bool | None, jetson: bool) -> str:
+    """The agent's clocks_pinned (True/False/None) in words."""
+    if pinned is True:
+        return "yes (GPU min clock = max clock)"
+    if pinned is False:
+        return "no (run `sudo jetson_clocks` before measuring)"
+    return "unknown (GPU clock limits not readable" + (")" if jetson else ": not a Jetson)")
+
+
+def deployment_text(entry: dict[str, Any]) -> str:
+    """One deployment's `current` check in words (doctor --on)."""
+    if entry["version"] is None:
+        return "nothing current (no version switched in)"
+    if entry["ok"]:
+        return f"{entry['version']} ok ({entry['files']} files match sha256)"
+    bad = ", ".join(f"{b['file']} ({b['problem']})" for b in entry["bad"])
+    return f"{entry['version']} DAMAGED: {bad}"
+
+
+def _print_doctor(report: dict[str, Any]) -> None:
     agent = report["agent"]
     rows = {
         "target": report["target"], "board": report["model"] or "not a Jetson",
@@ -244,12 +287,17 @@ def doctor_on_device(on: str, as_json: bool = False, settings: Any = None) -> No
                         if "version" in agent["onnxruntime"] else agent["onnxruntime"]["missing"]),
         "tensorrt": agent["tensorrt"].get("version") or agent["tensorrt"].get("missing"),
         "trtexec": agent["trtexec"] or "-", "nvpmodel": report["nvpmodel"] or "-",
-        "clocks pinned": agent["clocks_pinned"],
+        "clocks pinned": clocks_text(agent["clocks_pinned"], bool(agent.get("nv_tegra_release"))),
         "free disk": f"{agent['disk']['free'] / 2**30:.1f} GiB under {agent['disk']['path']}",
         "memory available": f"{agent['memory'].get('MemAvailable', 0) / 2**30:.1f} GiB",
     }
     for key, value in rows.items():
         typer.echo(f"{key:>17}: {value}")
+    deployments = report["deployments"]
+    typer.echo(f"{'deployments':>17}: " + (f"{len(deployments)}; each one's current version checked"
+                                          if deployments else "none"))
+    for name, entry in sorted(deployments.items()):
+        typer.echo(f"{name:>17}: {deployment_text(entry)}")
     for warning in report["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
 
@@ -257,6 +305,7 @@ def doctor_on_device(on: str, as_json: bool = False, settings: Any = None) -> No
 @app.command("device-doctor")
 def device_doctor(
     on: Annotated[str, typer.Option("--on", help="Target: ssh://user@host[:port] or local.")],
+    name: Annotated[str | None, typer.Option(help="Verify only this deployment (default: all).")] = None,
     ssh_config: SshConfigOpt = None,
     python: PythonOpt = "python3",
     remote_root: RootOpt = None,
@@ -264,7 +313,7 @@ def device_doctor(
     as_json: JsonOpt = False,
 ) -> None:
     """Same as `edge-ssl doctor --on TARGET`, with every SSH option spelled out."""
-    doctor_on_device(on, as_json, _settings(ssh_config, python, remote_root, accept_new_host))
+    doctor_on_device(on, as_json, _settings(ssh_config, python, remote_root, accept_new_host), name)
 
 
 # ---------------------------------------------------------------- predict

@@ -114,6 +114,7 @@ def bench(
     precision: Annotated[str | None, typer.Option(help="torch-cuda: fp16 (CUDA graphs); tensorrt: which engine.")] = None,
     record: Annotated[bool, typer.Option("--record/--no-record", help="Store the report in NAME.edge.results.json.")] = True,
     on: Annotated[list[str] | None, typer.Option("--on", help="Measure on a device instead: ssh://user@host[:port] or local (repeatable; SSH options: `edge-ssl device-bench --help`).")] = None,
+    accept_new_host: Annotated[bool, typer.Option("--accept-new-host", help="With --on: record an unknown host key on first use (a CHANGED key is always refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency p50/p90/p99 (MLPerf single-stream p90 is the headline) and throughput per batch size."""
@@ -124,7 +125,8 @@ def bench(
         from edge_ssl.commands.devices import bench_on_devices
 
         bench_on_devices(bundle, on, backend=backend, batch_sizes=tuple(sizes), duration=duration, warmup=warmup,
-                         iterations=iterations, threads=threads, record=record, as_json=as_json)
+                         iterations=iterations, threads=threads, record=record, as_json=as_json,
+                         accept_new_host=accept_new_host)
         return
     console = stderr_console()
     with _BenchProgress(console, enabled=not as_json and iterations is None and duration * len(sizes) >= 3) as bar:
