@@ -169,9 +169,10 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a bundle from a foreign checkpoint (torchvision, timm, DINO, solo-learn, lightly, MoCo)."""
-    from edge_ssl.bundle import lineage_entry, sha256_file, write_encoder_bundle
+    from edge_ssl.bundle import lineage_entry, sha256_file
     from edge_ssl.checkpoint import import_checkpoint
     from edge_ssl.models import count_parameters
+    from edge_ssl.output_check import write_stage_bundle
     from edge_ssl.outputs import check_bundle_out
 
     arch_kwargs = parse_key_values(arch_opt, "--arch-opt")
@@ -186,8 +187,8 @@ def import_(
         "mapped": len(report.mapped),
         "dropped": len(report.dropped),
     }
-    bundle = write_encoder_bundle(
-        out, encoder, lineage=(lineage_entry("import", settings),),
+    bundle = write_stage_bundle(
+        out, encoder, stage="import", lineage=(lineage_entry("import", settings),),
         metrics={"params": count_parameters(encoder)}, overwrite=overwrite,
     )
     if as_json:
@@ -471,6 +472,13 @@ def _register_capabilities() -> None:
 _register_capabilities()
 
 
+#: Exit codes, the same for every command (docs/cli.md has the table).
+EXIT_USER_ERROR = 1  # bad input, settings, data or environment: the message says the fix
+EXIT_USAGE = 2  # unknown command or option, malformed value (click's own usage errors)
+EXIT_INTERNAL = 3  # a bug in edge-ssl: please report it with the --debug traceback
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and a non-zero exit; --debug shows the traceback."""
     args = sys.argv[1:] if argv is None else argv
@@ -478,20 +486,40 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="edge-ssl", standalone_mode=True)
     except EdgeSSLError as exc:
-        if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
+        _fail(debug, str(exc), EXIT_USER_ERROR)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
-    except Exception as exc:  # a bug or an environment failure: still one line without --debug
-        if debug:
-            raise
-        typer.echo(
-            f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
-        )
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except OSError as exc:  # permission, full disk, missing file: the environment, not a bug
+        _fail(debug, describe_os_error(exc), EXIT_USER_ERROR)
+    except MemoryError:
+        _fail(debug, "out of memory; lower --batch-size or --limit, or use a machine with "
+              "more memory", EXIT_USER_ERROR)
+    except Exception as exc:  # a bug: still one line without --debug
+        _fail(debug, f"internal error {type(exc).__name__}: {exc} (a bug in edge-ssl; "
+              "rerun with --debug for the traceback and report it)", EXIT_INTERNAL)
+
+
+def _fail(debug: bool, message: str, code: int) -> None:
+    if debug:
+        raise
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(code) from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and what to do (PermissionError, a full disk, a missing file)."""
+    import errno
+
+    path = exc.filename if exc.filename is not None else "a file"
+    if isinstance(exc, PermissionError):
+        return (f"permission denied: {path} ({exc.strerror}); choose a location you can write "
+                "to, or fix its permissions.")
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full while writing {path}; free space or write elsewhere."
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {path}."
+    return f"{exc.strerror or exc} ({path})."
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def compare(
         typer.echo(result.describe())
     if min_cosine is not None and not result.passed(min_cosine):
         raise ParityError(f"{result.describe()} is below --min-cosine {min_cosine}.")
+    if result.zero_rows:
+        raise ParityError(f"{result.zero_rows} of {result.samples} images give all-zero embeddings "
+                          "on one side: that model has lost its input. Check it with `edge-ssl eval`.")
 
 
 # ---------------------------------------------------------------- refit
