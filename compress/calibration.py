@@ -12,6 +12,18 @@ from edge_ssl.spec import InputSpec
 
 #: Fewer images than this give unstable activation ranges (and entropy calibration needs more).
 MIN_CALIBRATION_IMAGES = 16
+#: Largest calibration batch: activations of every batch are held until the ranges are computed.
+MAX_CALIBRATION_BATCH = 32
+
+
+def even_batch_size(count: int, limit: int = MAX_CALIBRATION_BATCH) -> int:
+    """The largest batch size <= ``limit`` that splits ``count`` images into equal batches.
+
+    onnxruntime's histogram calibrators (entropy, percentile) stack every batch's
+    activations with ``np.asarray``; a shorter last batch makes that array ragged and
+    fails ("setting an array element with a sequence"). Equal batches use every image.
+    """
+    return next(size for size in range(min(limit, max(count, 1)), 0, -1) if count % size == 0)
 
 
 def check_calibration_images(images: Any, input_spec: InputSpec,
@@ -43,16 +55,17 @@ class ImageCalibrationReader:
     ``get_next()`` returns ``{input_name: float32 (B, C, H, W)}`` preprocessed exactly as
     the runtime does (``edge_ssl.runtime.preprocess.preprocess_images``), then None;
     ``rewind()`` starts over. Iterating yields the same batches (the INC / torch path uses it).
+    Every batch has the same size, at most ``batch_size`` (see :func:`even_batch_size`).
     """
 
     def __init__(self, images: np.ndarray, input_spec: InputSpec, *, input_name: str = "images",
-                 batch_size: int = 32, minimum: int = MIN_CALIBRATION_IMAGES) -> None:
+                 batch_size: int = MAX_CALIBRATION_BATCH, minimum: int = MIN_CALIBRATION_IMAGES) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"calibration batch_size must be a positive integer; got {batch_size!r}.")
         self.images = check_calibration_images(images, input_spec, minimum)
         self.input_spec = input_spec
         self.input_name = input_name
-        self.batch_size = batch_size
+        self.batch_size = even_batch_size(len(self.images), batch_size)
         self._position = 0
 
     def __len__(self) -> int:

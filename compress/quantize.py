@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_ssl.bundle import Bundle, BundleWriter
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
-from edge_ssl.errors import ConfigError, EdgeSSLError
+from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
 from edge_ssl.lineage import require_float_weights
 
@@ -303,6 +303,32 @@ def quantize_with_fallback(ws: _Workspace, config: QuantizeConfig,
     return path, report
 
 
+def check_calibration_settings(config: QuantizeConfig, num_images: int) -> int:
+    """How many of ``num_images`` unlabeled images ``quantize`` will calibrate (or, for FP16,
+    compare) on; DataError/ConfigError when that is too few for ``config``.
+
+    Needs no model and no images, only their count: callers run it before any training.
+    Every method takes any count from its minimum up (batches are split evenly, see
+    ``calibration.even_batch_size``).
+    """
+    from edge_ssl.compress.calibration import MIN_CALIBRATION_IMAGES
+
+    minimum = MIN_CALIBRATION_IMAGES if config.precision == "int8" else 1
+    what = f"{config.calibration} calibration" if config.precision == "int8" else "the fp16 check"
+    if config.calibration_images < minimum:
+        raise ConfigError(
+            f"calibration_images is {config.calibration_images}; {what} needs at least {minimum} "
+            f"images. Pass --calibration-images {max(minimum, min(num_images, 256))} (in a "
+            "recipe: quantize_options.calibration_images)."
+        )
+    if num_images < minimum:
+        raise DataError(
+            f"{what} needs at least {minimum} images; got {num_images}. Pass more unlabeled "
+            "images with --data (a few hundred is typical)."
+        )
+    return min(config.calibration_images, num_images)
+
+
 def _needs_knn(config: QuantizeConfig, knn: Any | None) -> bool:
     if config.max_knn_drop is None:
         return False
@@ -363,13 +389,12 @@ def quantize(
     source = require_float_weights(parent, "quantize")
     encoder = load_encoder(source)
     spec = encoder.spec.input
+    images = check_calibration_images(images, spec, minimum=1)
+    images = images[: check_calibration_settings(config, len(images))]
+    reader = None
     if config.precision == "int8":
-        images = check_calibration_images(images, spec)[: config.calibration_images]
         reader = ImageCalibrationReader(images, spec)
         _needs_knn(config, knn)
-    else:
-        images = check_calibration_images(images, spec, minimum=1)[: config.calibration_images]
-        reader = None
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         folder = Path(tmp)

@@ -105,15 +105,47 @@ def test_bad_calibration_data_and_settings_write_nothing(teacher_bundle, tmp_pat
 
 
 def test_calibration_reader_protocol(teacher_bundle):
+    # Equal batches (at most batch_size) that use every image: 20 = 4 x 5.
     reader = ImageCalibrationReader(tiny_images(20), teacher_bundle.manifest.input, batch_size=8)
     sizes = []
     while (item := reader.get_next()) is not None:
         sizes.append(item["images"].shape[0])
         assert item["images"].dtype == np.float32 and item["images"].shape[1:] == (3, 32, 32)
-    assert sizes == [8, 8, 4] and len(reader) == 3
+    assert sizes == [5, 5, 5, 5] and len(reader) == 4
     reader.rewind()
-    assert reader.get_next()["images"].shape[0] == 8
-    assert [b.shape[0] for b in reader] == [8, 8, 4]
+    assert reader.get_next()["images"].shape[0] == 5
+    assert [b.shape[0] for b in reader] == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("count", [16, 17, 32, 40, 300, 257])
+def test_calibration_batches_are_equal_and_use_every_image(count):
+    from edge_ssl.compress.calibration import even_batch_size
+
+    size = even_batch_size(count)
+    assert 1 <= size <= 32 and count % size == 0
+
+
+@pytest.mark.parametrize(("method", "count"), [("percentile", 100), ("entropy", 40)])
+def test_histogram_calibration_takes_a_count_that_is_not_a_multiple_of_its_batch(
+        teacher_bundle, tmp_path, method, count):
+    # The user's report: percentile with 300 images failed with "setting an array element
+    # with a sequence" (a ragged last batch of 12); 256 worked.
+    config = QuantizeConfig(calibration=method, calibration_images=count)
+    bundle, report = quantize(teacher_bundle.path, config, tiny_images(count), tmp_path / "q.edge")
+    assert bundle.manifest.lineage[-1].settings["calibration_images_used"] == count
+    assert report.mean_cosine > 0.98
+
+
+def test_calibration_settings_are_checked_from_counts_alone():
+    from edge_ssl.compress.quantize import check_calibration_settings
+
+    assert check_calibration_settings(QuantizeConfig(calibration="percentile", calibration_images=512), 300) == 300
+    assert check_calibration_settings(QuantizeConfig(calibration="entropy", calibration_images=17), 300) == 17
+    assert check_calibration_settings(QuantizeConfig(precision="fp16"), 1) == 1
+    with pytest.raises(ConfigError, match="--calibration-images 16"):
+        check_calibration_settings(QuantizeConfig(calibration_images=8), 10)
+    with pytest.raises(DataError, match="at least 16 images; got 10"):
+        check_calibration_settings(QuantizeConfig(calibration="entropy"), 10)
 
 
 def test_ort_cpu_uses_seven_bit_weights_only_on_x86_without_vnni(monkeypatch):
