@@ -1,9 +1,10 @@
-"""PREDICTED TensorRT latency: a per-layer roofline over the ONNX graph, calibrated on published results."""
+"""PREDICTED TensorRT latency: a per-layer roofline over the ONNX graph, fitted on published results."""
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -14,30 +15,78 @@ from edge_ssl.devices.profiles import DeviceProfile, architecture, get_profile, 
 from edge_ssl.errors import ConfigError
 
 CALIBRATION_FILE = Path(__file__).with_name("predict_calibration.toml")
+#: Where `edge-ssl predict --calibrate` keeps a user's own measurements (overridable).
+LOCAL_CALIBRATION_ENV = "EDGE_SSL_PREDICT_CALIBRATION"
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
-#: Fraction of peak DRAM bandwidth a well-tuned kernel streams on Jetson (not fitted).
-MEMORY_EFFICIENCY = 0.7
-#: Relative compute efficiency per layer kind (TensorRT tactics on tensor cores). Small-channel
-#: stems waste most of a tensor-core tile; depthwise convolutions are bandwidth bound.
-OP_EFFICIENCY = {"conv": 1.0, "conv1x1": 0.8, "stem": 0.25, "dwconv": 0.05, "gemm": 0.5, "pool": 1.0}
+GENERATIONS = ("maxwell", "pascal", "volta", "ampere", "blackwell")
+#: Generations without tensor cores (FP16 on CUDA cores) and with them: a generation no
+#: published result calibrates borrows the constants of its own family.
+FAMILY = {"maxwell": "cuda-core", "pascal": "cuda-core", "volta": "tensor-core", "ampere": "tensor-core",
+          "blackwell": "tensor-core"}
+#: Kernel kinds. 'conv' (dense KxK, K > 1) is the reference whose efficiency is the
+#: generation's scale; every other kind carries its own efficiency relative to it.
+OP_KINDS = ("conv", "conv1x1", "stem", "dwconv", "grouped", "gemm", "pool", "se")
+#: Channel counts are padded up to the MMA tile the kernels use: half2 on Maxwell/Pascal CUDA
+#: cores, 8 for FP16 tensor cores (Volta/Ampere), 16 (Volta) / 32 (Ampere+) for INT8 IMMA.
+TILE = {("maxwell", "fp16"): 2, ("pascal", "fp16"): 2, ("volta", "fp16"): 8, ("volta", "int8"): 16,
+        ("ampere", "fp16"): 8, ("ampere", "int8"): 32, ("blackwell", "fp16"): 8, ("blackwell", "int8"): 32}
 #: Ops TensorRT fuses into the preceding kernel (cost nothing on their own) or removes.
 FUSED_OPS = {
     "Relu", "Clip", "BatchNormalization", "Add", "Sum", "Mul", "Sub", "Div", "Sigmoid", "HardSigmoid",
     "HardSwish", "LeakyRelu", "PRelu", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
     "Concat", "Shape", "Gather", "Constant", "Cast", "QuantizeLinear", "DequantizeLinear", "Transpose",
+    "Split", "Dropout", "Softmax", "Erf", "Tanh",
 }
-DEFAULT_CALIBRATION = {"efficiency": 0.5, "overhead_ms": 0.01}
+#: Half-width (log ratio) of the interval of a group no published result calibrates: x/÷ 3.
+UNCALIBRATED_LOG_INTERVAL = math.log(3.0)
+#: Share of the time in per-kernel overhead above which the text says "launch-bound".
+LAUNCH_BOUND_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """FLOPs (multiply-add = 2) and DRAM bytes of one kernel TensorRT would run."""
+    """FLOPs (multiply-add = 2, channels padded to the tile) and DRAM bytes of one kernel."""
 
     name: str
     op_type: str
     kind: str
     flops: float
     bytes: float
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """The fitted constants: op-kind efficiencies, per-generation scale and launch floor."""
+
+    op_efficiency: dict[str, float]
+    scale: dict[str, float]          # share of the dense FP16 peak a 3x3 conv reaches, per generation
+    launch_kcycles: dict[str, float]  # per-kernel floor in 1000s of GPU clocks: the same at every precision
+    int8_ratio: dict[str, float] = field(default_factory=dict)  # INT8 scale / FP16 scale, per generation
+    memory_efficiency: float = 0.7   # share of peak DRAM bandwidth a streaming kernel reaches
+    host_overhead_ms: float = 0.0    # copies + runtime calls of an end-to-end figure (not predicted)
+
+    def efficiency(self, arch: str, precision: str) -> float:
+        ratio = _borrow(self.int8_ratio, arch) if precision == "int8" and self.int8_ratio else 1.0
+        return _borrow(self.scale, arch) * ratio
+
+    def launch(self, arch: str, gpu_mhz: float) -> float:
+        """Per-kernel floor in ms: prologue, tail and sync cost clocks, so a slower clock pays more."""
+        return _borrow(self.launch_kcycles, arch) / gpu_mhz
+
+
+def _borrow(table: dict[str, float], arch: str) -> float:
+    """``table[arch]``, else the geometric mean over its family (else over all generations)."""
+    if arch in table:
+        return table[arch]
+    family = [v for g, v in table.items() if FAMILY.get(g) == FAMILY.get(arch)]
+    return _geomean(family or table.values())
+
+
+DEFAULT_MODEL = LatencyModel(
+    op_efficiency={"conv": 1.0, "conv1x1": 0.8, "stem": 0.5, "dwconv": 0.05, "grouped": 0.3,
+                   "gemm": 0.5, "pool": 1.0, "se": 0.2},
+    scale={g: 0.5 for g in GENERATIONS[:4]}, launch_kcycles={g: 10.0 for g in GENERATIONS[:4]},
+)
 
 
 @dataclass
@@ -53,7 +102,11 @@ class Prediction:
     memory_bound_layers: int
     layers: int
     gflops: float
-    calibration: dict[str, Any]
+    calibration: Any                 # 'fitted: GROUP (N anchors)', 'local: ...' or 'uncalibrated'
+    interval_ms: list[float] = field(default_factory=list)
+    launch_bound_share: float = 0.0
+    calibration_group: str = ""
+    calibration_detail: dict[str, Any] = field(default_factory=dict)
     top_layers: list[dict[str, Any]] = field(default_factory=list)
     refined_ms: float | None = None  # scaled by measurements of this bundle on this device
     refined_by: list[str] = field(default_factory=list)
@@ -64,19 +117,37 @@ class Prediction:
         return dict(self.__dict__)
 
     def summary(self) -> str:
+        mode = self.power_mode if self.power_mode is not None else "max"
+        low, high = self.interval_ms or (self.predicted_ms, self.predicted_ms)
         lines = [
-            f"PREDICTED (roofline, not measured): {self.predicted_ms:.3f} ms per batch of {self.batch} "
-            f"on {self.device} ({self.precision}, nvpmodel {self.power_mode if self.power_mode is not None else 'max'})",
+            f"PREDICTED (roofline, not measured): {self.predicted_ms:.3f} ms per batch of "
+            f"{self.batch}",
+            f"  on {self.device} ({self.precision}, nvpmodel {mode}); "
+            f"interval {low:.3f} - {high:.3f} ms",
+            f"  calibration: {self.calibration}",
             f"  {self.layers} kernels ({self.compute_bound_layers} compute-bound, "
-            f"{self.memory_bound_layers} memory-bound), {self.gflops:.2f} GFLOP; calibration: "
-            f"{self.calibration.get('source', 'default')}",
+            f"{self.memory_bound_layers} memory-bound), {self.gflops:.2f} GFLOP",
         ]
+        share = round(100 * self.launch_bound_share)
+        if self.launch_bound_share >= LAUNCH_BOUND_SHARE:
+            lines.append(f"  this model is launch-bound on this board: {share}% of the time is "
+                         "per-kernel overhead")
+            lines.append("  (fewer layers help here; fewer channels or INT8 barely do)")
+        else:
+            lines.append(f"  per-kernel overhead: {share}% of the time")
         if self.refined_ms is not None:
-            lines.append(f"  refined by {len(self.refined_by)} measurement(s) on this device: {self.refined_ms:.3f} ms (predicted)")
+            lines.append(f"  refined by {len(self.refined_by)} measurement(s) of this bundle on "
+                         f"this device: {self.refined_ms:.3f} ms (predicted)")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
+def _geomean(values: Any) -> float:
+    values = [v for v in values if v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else 1.0
+
+
+# ---------------------------------------------------------------- the ONNX graph
 def _dims(value_info: Any) -> list[int] | None:
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value_info.type.tensor_type.shape.dim]
     return dims if dims and all(d > 0 for d in dims) else None
@@ -118,34 +189,48 @@ def _size(shape: list[int] | None) -> int:
     return math.prod(shape) if shape else 0
 
 
-def _conv(node: Any, shapes: dict[str, list[int]], bpe: int) -> LayerCost | None:
+def _pad(channels: int, tile: int) -> int:
+    return -(-channels // tile) * tile
+
+
+def _conv_kind(x: list[int], w: list[int], y: list[int], groups: int) -> str:
+    if groups > 1 and groups == x[1]:
+        return "dwconv"
+    if groups > 1:
+        return "grouped"
+    if w[1] <= 4:
+        return "stem"
+    if len(y) > 2 and math.prod(y[2:]) == 1:
+        return "se"  # a 1x1-spatial conv: squeeze-excitation or a conv head
+    return "conv1x1" if math.prod(w[2:]) == 1 else "conv"
+
+
+def _conv(node: Any, shapes: dict[str, list[int]], bpe: int, tile: int) -> LayerCost | None:
     x, w, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
     if not (x and w and y):
         return None
     groups = _attr(node, "group", 1)
-    per_output = w[1] * math.prod(w[2:])
-    flops = 2.0 * _size(y) * per_output
-    kind = "conv"
-    if groups > 1 and groups == x[1]:
-        kind = "dwconv"
-    elif w[1] <= 4:
-        kind = "stem"
-    elif math.prod(w[2:]) == 1:
-        kind = "conv1x1"
+    kind = _conv_kind(x, w, y, groups)
+    if kind == "dwconv":
+        flops = 2.0 * _size(y) * math.prod(w[2:])
+    else:
+        out = y[0] * _pad(y[1], tile) * math.prod(y[2:])
+        flops = 2.0 * out * _pad(w[1], tile) * math.prod(w[2:])
     return LayerCost(node.name, node.op_type, kind, flops, float((_size(x) + _size(w) + _size(y)) * bpe))
 
 
-def _gemm(node: Any, shapes: dict[str, list[int]], bpe: int) -> LayerCost | None:
+def _gemm(node: Any, shapes: dict[str, list[int]], bpe: int, tile: int) -> LayerCost | None:
     a, b, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
     if not (a and b and y):
         return None
-    k = b[0] if node.op_type == "MatMul" or not _attr(node, "transB", 0) else b[1]
-    if node.op_type == "MatMul":
-        k = a[-1]
-    return LayerCost(node.name, node.op_type, "gemm", 2.0 * _size(y) * k, float((_size(a) + _size(b) + _size(y)) * bpe))
+    k = a[-1] if node.op_type == "MatMul" or not _attr(node, "transA", 0) else a[0]
+    rows = _size(y) // y[-1]
+    flops = 2.0 * rows * _pad(y[-1], tile) * _pad(k, tile)
+    return LayerCost(node.name, node.op_type, "gemm", flops, float((_size(a) + _size(b) + _size(y)) * bpe))
 
 
-def graph_costs(path: str | os.PathLike, batch: int = 1, precision: str = "fp16") -> list[LayerCost]:
+def graph_costs(path: str | os.PathLike, batch: int = 1, precision: str = "fp16",
+                tile: int = 1) -> list[LayerCost]:
     """One LayerCost per kernel TensorRT would launch (pointwise ops fused away)."""
     bpe = BYTES_PER_ELEMENT[precision]
     model = _load_with_batch(path, batch)
@@ -155,9 +240,9 @@ def graph_costs(path: str | os.PathLike, batch: int = 1, precision: str = "fp16"
         if node.op_type in FUSED_OPS:
             continue
         if node.op_type in ("Conv", "ConvTranspose"):
-            cost = _conv(node, shapes, bpe)
+            cost = _conv(node, shapes, bpe, tile)
         elif node.op_type in ("Gemm", "MatMul"):
-            cost = _gemm(node, shapes, bpe)
+            cost = _gemm(node, shapes, bpe, tile)
         else:
             moved = sum(_size(shapes.get(n)) for n in [*node.input, *node.output] if n)
             cost = LayerCost(node.name, node.op_type, "pool", float(moved), float(moved * bpe))
@@ -189,37 +274,66 @@ def peak_ops(profile: DeviceProfile, precision: str, gpu_mhz: float | None = Non
     return peak * 1e12 * scale
 
 
-@lru_cache(maxsize=1)
-def calibration_table() -> dict[str, Any]:
-    if not CALIBRATION_FILE.is_file():
-        return {}
-    return load_toml(CALIBRATION_FILE).get("calibration", {})
+def tile_for(arch: str, precision: str) -> int:
+    return TILE.get((arch, precision), 1)
 
 
-def calibration_for(profile: DeviceProfile, precision: str) -> dict[str, Any]:
-    """Fitted efficiency and per-kernel overhead for the profile's architecture and precision."""
-    table = calibration_table()
-    entry = table.get(f"{profile.arch}-{precision}")
-    if entry:
-        return {**entry, "source": f"fitted on published {profile.arch} {precision} results"}
-    return {**DEFAULT_CALIBRATION, "source": f"UNCALIBRATED default (no published {profile.arch} {precision} anchor)"}
+def calibration_group(profile: DeviceProfile, precision: str) -> str:
+    return f"{profile.arch}-{precision}"
 
 
-def roofline_ms(costs: list[LayerCost], peak: float, bandwidth_gbs: float, efficiency: float,
-                overhead_ms: float) -> tuple[float, list[tuple[LayerCost, float, bool]]]:
-    """Total ms and per-layer (cost, ms, compute_bound)."""
+# ---------------------------------------------------------------- the model
+def kernel_times(costs: list[LayerCost], model: LatencyModel, arch: str, precision: str,
+                 peak: float, bandwidth_gbs: float, gpu_mhz: float) -> list[tuple[LayerCost, float, bool]]:
+    """Per kernel: (cost, ms, compute_bound); ms includes the launch floor."""
+    efficiency = model.efficiency(arch, precision)
+    launch = model.launch(arch, gpu_mhz)
     rows = []
     for cost in costs:
-        compute = cost.flops / (peak * efficiency * OP_EFFICIENCY.get(cost.kind, 0.5))
-        memory = cost.bytes / (bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY)
-        rows.append((cost, 1000.0 * max(compute, memory) + overhead_ms, compute >= memory))
-    return sum(ms for _, ms, _ in rows), rows
+        kind_eff = model.op_efficiency.get(cost.kind, DEFAULT_MODEL.op_efficiency[cost.kind])
+        compute = cost.flops / (peak * efficiency * kind_eff)
+        memory = cost.bytes / (bandwidth_gbs * 1e9 * model.memory_efficiency)
+        rows.append((cost, 1000.0 * max(compute, memory) + launch, compute >= memory))
+    return rows
 
 
+@lru_cache(maxsize=1)
+def calibration_table() -> dict[str, Any]:
+    """The shipped fit (devices/predict_calibration.toml): model constants and group errors."""
+    if not CALIBRATION_FILE.is_file():
+        return {}
+    return load_toml(CALIBRATION_FILE)
+
+
+def fitted_model() -> LatencyModel:
+    data = calibration_table().get("model")
+    if not data:
+        return DEFAULT_MODEL
+    generations = data.get("generations", {})
+    return LatencyModel(
+        op_efficiency={**DEFAULT_MODEL.op_efficiency, **data.get("op_efficiency", {})},
+        scale={g: v["scale"] for g, v in generations.items()},
+        launch_kcycles={g: v["launch_kcycles"] for g, v in generations.items()},
+        int8_ratio=dict(data.get("int8_ratio", {})), memory_efficiency=data.get("memory_efficiency", 0.7),
+        host_overhead_ms=data.get("host_overhead_ms", 0.0),
+    )
+
+
+def group_calibration(group: str) -> dict[str, Any]:
+    """What the shipped fit knows of ``group``: anchors and cross-validated interval (or none)."""
+    entry = calibration_table().get("groups", {}).get(group)
+    if not entry or not entry.get("anchors"):
+        return {"label": "uncalibrated", "log_interval": UNCALIBRATED_LOG_INTERVAL,
+                "source": f"no published {group} result; defaults shared from other generations"}
+    return {"label": f"fitted: {group} ({entry['anchors']} published anchors)",
+            "log_interval": float(entry["log_interval"]), "source": entry.get("source", "")}
+
+
+# ---------------------------------------------------------------- predicting
 def predict_onnx(onnx_path: str | os.PathLike, device: str | DeviceProfile, *, precision: str = "fp16",
                  power_mode: int | None = None, batch: int = 1,
-                 calibration: dict[str, Any] | None = None) -> Prediction:
-    """Predict TensorRT latency of an ONNX graph on a device profile (labelled 'predicted')."""
+                 model: LatencyModel | None = None, use_local: bool = True) -> Prediction:
+    """Predict TensorRT GPU time of an ONNX graph on a device profile (labelled 'predicted')."""
     if precision not in BYTES_PER_ELEMENT:
         raise ConfigError(f"precision must be one of {', '.join(BYTES_PER_ELEMENT)}; got {precision!r}.")
     if batch < 1:
@@ -230,20 +344,37 @@ def predict_onnx(onnx_path: str | os.PathLike, device: str | DeviceProfile, *, p
     if mode is not None and mode.gpu_max_mhz is None:
         warnings.append(f"the GPU clock cap of nvpmodel mode {mode.mode_id} ({mode.name}) is not recorded; "
                         "predicting at the maximum clock, so this is optimistic.")
-    peak = peak_ops(profile, precision, mode.gpu_max_mhz if mode else None)
-    calib = calibration or calibration_for(profile, precision)
-    if calib["source"].startswith("UNCALIBRATED"):
-        warnings.append(calib["source"] + ": treat the number as a rough bound.")
-    costs = graph_costs(onnx_path, batch, precision)
-    total, rows = roofline_ms(costs, peak, profile.memory_bandwidth_gbs or 1.0, calib["efficiency"], calib["overhead_ms"])
+    gpu_mhz = (mode.gpu_max_mhz if mode else None) or profile.gpu_max_mhz
+    peak = peak_ops(profile, precision, gpu_mhz)
+    model = model or fitted_model()
+    costs = graph_costs(onnx_path, batch, precision, tile_for(profile.arch, precision))
+    rows = kernel_times(costs, model, profile.arch, precision, peak, profile.memory_bandwidth_gbs or 1.0, gpu_mhz)
+    total = sum(ms for _, ms, _ in rows)
+    launch = len(rows) * model.launch(profile.arch, gpu_mhz)
+    group = calibration_group(profile, precision)
+    calib = group_calibration(group)
+    if calib["label"] == "uncalibrated":
+        warnings.append(f"UNCALIBRATED: {calib['source']}; treat the number as a rough bound.")
     top = sorted(rows, key=lambda r: -r[1])[:5]
-    return Prediction(
+    prediction = Prediction(
         device=profile.key, precision=precision, power_mode=power_mode, batch=batch, predicted_ms=total,
         compute_bound_layers=sum(1 for *_, c in rows if c), memory_bound_layers=sum(1 for *_, c in rows if not c),
-        layers=len(rows), gflops=sum(c.flops for c in costs) / 1e9, calibration=calib,
+        layers=len(rows), gflops=sum(c.flops for c in costs) / 1e9, calibration=calib["label"],
+        launch_bound_share=round(launch / total, 4), calibration_group=group,
+        calibration_detail={"source": calib["source"], "log_interval": calib["log_interval"]},
         top_layers=[{"name": c.name, "kind": c.kind, "ms": ms, "compute_bound": cb} for c, ms, cb in top],
         warnings=warnings,
     )
+    _set_interval(prediction, calib["log_interval"])
+    if use_local:
+        _apply_local(prediction)
+    return prediction
+
+
+def _set_interval(prediction: Prediction, log_interval: float) -> None:
+    ms = prediction.predicted_ms
+    prediction.interval_ms = [round(ms * math.exp(-log_interval), 6), round(ms * math.exp(log_interval), 6)]
+    prediction.calibration_detail["log_interval"] = log_interval
 
 
 def predict_bundle(path: str | os.PathLike, device: str, *, precision: str = "fp16",
@@ -259,6 +390,35 @@ def predict_bundle(path: str | os.PathLike, device: str, *, precision: str = "fp
                               power_mode=power_mode, batch=batch)
     _refine(prediction, read_results(bundle).get("device_bench", {}))
     return prediction
+
+
+def predict_encoder(encoder: Any, profile: str | DeviceProfile, precision: str = "fp16", batch: int = 1, *,
+                    input_shape: tuple[int, int, int] = (3, 224, 224), power_mode: int | None = None,
+                    use_local: bool = True) -> Prediction:
+    """Predict an encoder's TensorRT latency on a profile without training or weights.
+
+    ``encoder`` is a torch module (exported here as a graph without parameters: only shapes
+    matter) or the path of an ONNX file. Cheap enough to call for every candidate of a search.
+    """
+    if isinstance(encoder, (str, os.PathLike)):
+        return predict_onnx(encoder, profile, precision=precision, power_mode=power_mode, batch=batch,
+                            use_local=use_local)
+    from edge_ssl.lazy import require
+
+    torch = require("torch", "predicting an encoder's latency")
+    was_training = encoder.training
+    with tempfile.TemporaryDirectory(prefix="edge-ssl-predict-") as folder:
+        path = Path(folder) / "encoder.onnx"
+        try:
+            encoder.eval()
+            with torch.no_grad():
+                torch.onnx.export(encoder, torch.zeros(1, *input_shape), str(path), export_params=False,
+                                  input_names=["images"], dynamic_axes={"images": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+        finally:
+            encoder.train(was_training)
+        return predict_onnx(path, profile, precision=precision, power_mode=power_mode, batch=batch,
+                            use_local=use_local)
 
 
 def prediction_key(prediction: Prediction) -> str:
@@ -282,42 +442,153 @@ def record_prediction(path: str | os.PathLike, prediction: Prediction) -> Path:
     return record_results(bundle, "predict", recorded)
 
 
+def _trtexec_means(measured: dict[str, Any], profile: str, batch: int) -> list[tuple[str, float]]:
+    """(target, mean ms) of TensorRT runs in a bundle's device_bench results on ``profile``."""
+    found = []
+    for target, report in measured.items():
+        env = report.get("environment", {})
+        record = report.get("batches", {}).get(str(batch))
+        if env.get("profile") == profile and report.get("backend") == "trtexec" and record:
+            found.append((target, float(record["mean"])))
+    return found
+
+
 def _refine(prediction: Prediction, measured: dict[str, Any]) -> None:
     """Scale by measured/predicted from TensorRT runs of this bundle on the same device profile."""
     ratios = []
-    for target, report in measured.items():
-        env = report.get("environment", {})
-        batch = report.get("batches", {}).get(str(prediction.batch))
-        if env.get("profile") == prediction.device and report.get("backend") == "trtexec" and batch:
-            ratios.append(batch["mean"] / prediction.predicted_ms)
-            prediction.refined_by.append(target)
+    for target, mean in _trtexec_means(measured, prediction.device, prediction.batch):
+        ratios.append(mean / prediction.predicted_ms)
+        prediction.refined_by.append(target)
     if ratios:
         prediction.refined_ms = prediction.predicted_ms * math.exp(sum(map(math.log, ratios)) / len(ratios))
 
 
-def fit_calibration(groups: dict[str, list[tuple[list[LayerCost], float, float, float]]]) -> dict[str, dict[str, float]]:
-    """Per group: the (efficiency, overhead) minimising the worst |log(predicted/published)|.
+# ---------------------------------------------------------------- a user's own measurements
+def local_calibration_path() -> Path:
+    """$EDGE_SSL_PREDICT_CALIBRATION, else $XDG_CONFIG_HOME/edge-ssl/predict_calibration.toml."""
+    override = os.environ.get(LOCAL_CALIBRATION_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "edge-ssl" / "predict_calibration.toml"
 
-    Each anchor is (layer costs, peak ops/s, bandwidth GB/s, published ms). A grid search:
-    two parameters, a handful of anchors, no local minima to worry about.
-    """
-    import numpy as np
 
-    efficiencies = np.arange(0.03, 1.0001, 0.005)
-    overheads = np.arange(0.0, 0.0601, 0.0005)
-    fitted = {}
-    for group, anchors in groups.items():
-        worst = np.zeros((efficiencies.size, overheads.size))
-        for costs, peak, bandwidth, published in anchors:
-            compute = np.array([c.flops / (peak * OP_EFFICIENCY.get(c.kind, 0.5)) for c in costs])
-            memory = np.array([c.bytes / (bandwidth * 1e9 * MEMORY_EFFICIENCY) for c in costs])
-            body = 1000.0 * np.maximum(compute[None, :] / efficiencies[:, None], memory[None, :]).sum(axis=1)
-            total = body[:, None] + len(costs) * overheads[None, :]
-            worst = np.maximum(worst, np.abs(np.log(total / published)))
-        i, j = np.unravel_index(np.argmin(worst), worst.shape)
-        fitted[group] = {"efficiency": round(float(efficiencies[i]), 4), "overhead_ms": round(float(overheads[j]), 5),
-                         "anchors": len(anchors), "worst_ratio_error": round(float(np.exp(worst[i, j]) - 1), 4)}
-    return fitted
+def local_measurements() -> list[dict[str, Any]]:
+    path = local_calibration_path()
+    if not path.is_file():
+        return []
+    try:
+        return list(load_toml(path).get("measurement", []))
+    except Exception as exc:  # a broken user file must not stop predictions: say so instead
+        raise ConfigError(f"cannot read the local calibration {path}: {exc}. Fix or delete the file "
+                          f"(it is rewritten by `edge-ssl predict --calibrate`).") from exc
+
+
+def _local_fit(entries: list[dict[str, Any]]) -> tuple[float, float | None]:
+    """(factor, log interval or None when one measurement cannot show a spread)."""
+    logs = [math.log(e["measured_ms"] / e["predicted_ms"]) for e in entries]
+    mean = sum(logs) / len(logs)
+    spread = max(abs(v - mean) for v in logs) if len(logs) > 1 else None
+    return math.exp(mean), (max(0.05, spread) if spread is not None else None)
+
+
+def _apply_local(prediction: Prediction) -> None:
+    entries = [e for e in local_measurements()
+               if e.get("profile") == prediction.device and e.get("precision") == prediction.precision]
+    if not entries:
+        return
+    factor, spread = _local_fit(entries)
+    prediction.predicted_ms *= factor
+    models = sorted({e.get("model", "?") for e in entries})
+    prediction.calibration = (f"local: {len(entries)} measurement(s) of {len(models)} model(s) on "
+                              f"this board ({local_calibration_path()})")
+    prediction.calibration_detail["local"] = {"factor": round(factor, 4), "measurements": len(entries),
+                                              "models": models}
+    _set_interval(prediction, spread if spread is not None
+                  else prediction.calibration_detail["log_interval"])
+
+
+def _measurements_in(path: Path, precision: str | None) -> list[dict[str, Any]]:
+    """(onnx, profile, precision, batch, measured_ms, model) records found in ``path``."""
+    import json
+
+    if path.suffix == ".json" and not path.name.endswith(".results.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = data if isinstance(data, list) else [data]
+        needed = {"onnx", "profile", "precision", "mean_ms"}
+        for record in records:
+            if not isinstance(record, dict) or not needed <= set(record):
+                raise ConfigError(f"{path}: a measurement needs the keys {', '.join(sorted(needed))} "
+                                  f"(and optionally batch); got {record!r:.120}.")
+        return [{"onnx": str((path.parent / r["onnx"]).resolve()), "profile": r["profile"],
+                 "precision": r["precision"], "batch": int(r.get("batch", 1)),
+                 "measured_ms": float(r["mean_ms"]), "model": Path(r["onnx"]).name} for r in records]
+    from edge_ssl.bundle import Bundle, read_results
+
+    bundle_path = path.with_name(path.name[: -len(".results.json")]) if path.name.endswith(".results.json") else path
+    bundle = Bundle.open(bundle_path, verify=True)
+    measured = read_results(bundle).get("device_bench", {})
+    found = []
+    for target, report in measured.items():
+        profile = report.get("environment", {}).get("profile")
+        for batch, record in (report.get("batches") or {}).items():
+            if report.get("backend") == "trtexec" and profile and record.get("mean"):
+                found.append({"onnx": str(bundle.file("model.onnx")), "profile": profile,
+                              "precision": precision or report.get("precision") or bundle.manifest.precision,
+                              "batch": int(batch), "measured_ms": float(record["mean"]),
+                              "model": bundle.path.name, "target": target})
+    return found
+
+
+def calibrate(paths: list[str | os.PathLike], precision: str | None = None) -> dict[str, Any]:
+    """Fold TensorRT measurements (bundles measured with `bench --on`, their results files, or
+    measurement JSONs) into the local calibration file; returns what was added, per board."""
+    added = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ConfigError(f"no file or bundle at {path}; pass bundles measured with "
+                              "`edge-ssl bench B.edge --on ssh://... --backend tensorrt` or measurement JSONs.")
+        records = _measurements_in(path, precision)
+        if not records:
+            raise ConfigError(f"{path} holds no TensorRT (trtexec) measurement on a known board; measure it "
+                              "with `edge-ssl bench B.edge --on ssh://... --backend tensorrt` first.")
+        for record in records:
+            predicted = predict_onnx(record["onnx"], record["profile"], precision=record["precision"],
+                                     batch=record["batch"], use_local=False)
+            added.append({**record, "predicted_ms": round(predicted.predicted_ms, 6), "source": str(path)})
+    keep = [e for e in local_measurements()
+            if (e.get("model"), e.get("profile"), e.get("precision"), e.get("batch"))
+            not in {(a["model"], a["profile"], a["precision"], a["batch"]) for a in added}]
+    target = _write_local([*keep, *added])
+    boards: dict[str, Any] = {}
+    for entry in [*keep, *added]:
+        boards.setdefault(f"{entry['profile']} {entry['precision']}", []).append(entry)
+    summary = {key: {"measurements": len(v), "factor": round(_local_fit(v)[0], 4)} for key, v in boards.items()}
+    return {"written": str(target), "added": len(added), "boards": summary}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _write_local(entries: list[dict[str, Any]]) -> Path:
+    from edge_ssl.bundle import atomic_write_bytes
+
+    lines = ["# Written by `edge-ssl predict --calibrate`: your own TensorRT measurements.",
+             "# predicted_ms is the shipped model's prediction when the measurement was added;",
+             "# predictions for a board and precision listed here are scaled by measured/predicted.", ""]
+    fields = ("profile", "precision", "batch", "model", "measured_ms", "predicted_ms", "target", "source")
+    for entry in entries:
+        lines.append("[[measurement]]")
+        lines += [f"{key} = {_toml_value(entry[key])}" for key in fields if entry.get(key) is not None]
+        lines.append("")
+    path = local_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    return path
 
 
 def architecture_constants(profile: DeviceProfile) -> dict[str, float]:
