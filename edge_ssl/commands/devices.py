@@ -319,22 +319,48 @@ def device_doctor(
 # ---------------------------------------------------------------- predict
 @app.command()
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="A bundle with model.onnx (or a bare .onnx file).")],
-    device: Annotated[str, typer.Option(help="Device profile, e.g. orin-nx-16gb (see `edge-ssl devices`).")],
-    precision: Annotated[str, typer.Option(help="int8 or fp16 (TensorRT).")] = "fp16",
+    paths: Annotated[list[Path] | None, typer.Argument(
+        metavar="BUNDLE|RESULTS...", help="A bundle with model.onnx (or a bare .onnx file); with "
+        "--calibrate: measured bundles, their .results.json or measurement JSONs.")] = None,
+    for_profile: Annotated[str | None, typer.Option(
+        "--for", help="Device profile, e.g. orin-nx-16gb (see `edge-ssl devices`).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="int8 or fp16 (TensorRT); with --calibrate: the engines' (default: each bundle's).")] = None,
     power_mode: Annotated[int | None, typer.Option(help="nvpmodel mode id (default: the fastest).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Fold the TensorRT measurements in RESULTS (`bench --on --backend "
+        "tensorrt`) into your local calibration, used by later predictions for those boards.")] = False,
+    device: Annotated[str | None, typer.Option(hidden=True)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """PREDICTED latency from a per-layer roofline (never a measurement; calibrated on published results).
+    """PREDICTED TensorRT latency from a per-layer roofline, fitted on published results.
 
-    For a bundle the prediction is also recorded beside it (NAME.edge.results.json, under
-    'predict', labelled predicted), where `edge-ssl report` shows it.
+    Never a measurement: prints the estimate, an interval from the cross-validated error of its calibration group ("uncalibrated" where no published result covers it) and the share of the time spent in per-kernel overhead. For a bundle the prediction is also recorded beside it (NAME.edge.results.json, under 'predict').
     """
+    from edge_ssl.errors import ConfigError
+
+    if device is not None:
+        raise ConfigError(f"`predict --device {device}` is now `predict --for {device}`: --for names a "
+                          "device profile, --device a torch device (one name per meaning across commands).")
+    if calibrate:
+        if not paths:
+            raise ConfigError("--calibrate needs RESULTS: bundles measured with `edge-ssl bench B.edge "
+                              "--on ssh://... --backend tensorrt`, their .results.json or measurement JSONs.")
+        _predict_calibrate(paths, precision, as_json)
+        return
+    if not paths or len(paths) != 1 or for_profile is None:
+        raise ConfigError(f"predict takes one bundle (or .onnx) and --for PROFILE; got {len(paths or [])} "
+                          "path(s). E.g. `edge-ssl predict B.edge --for orin-nano-8gb --precision int8`.")
+    _predict_one(paths[0], for_profile, precision or "fp16", power_mode, batch, as_json)
+
+
+def _predict_one(bundle: Path, profile: str, precision: str, power_mode: int | None, batch: int,
+                 as_json: bool) -> None:
     from edge_ssl.devices.predict import predict_bundle, record_prediction
     from edge_ssl.errors import BundleError
 
-    report = predict_bundle(bundle, device, precision=precision, power_mode=power_mode, batch=batch)
+    report = predict_bundle(bundle, profile, precision=precision, power_mode=power_mode, batch=batch)
     recorded, note = None, None
     if bundle.suffix != ".onnx":
         try:
@@ -349,3 +375,17 @@ def predict(
             typer.echo(f"recorded in {recorded}")
     if note:
         typer.echo(note, err=True)
+
+
+def _predict_calibrate(paths: list[Path], precision: str | None, as_json: bool) -> None:
+    from edge_ssl.devices.predict import calibrate
+
+    summary = calibrate(paths, precision)
+    if as_json:
+        emit_json(summary)
+        return
+    typer.echo(f"added {summary['added']} measurement(s) to {summary['written']}")
+    for board, entry in sorted(summary["boards"].items()):
+        typer.echo(f"  {board}: {entry['measurements']} measurement(s); predictions scaled "
+                   f"x{entry['factor']:.3f}")
+    typer.echo("later `edge-ssl predict --for` on these boards uses them (and says so).")
