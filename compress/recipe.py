@@ -697,12 +697,13 @@ def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool,
 
 
 def _row_text(row: StageRow) -> str:
+    """One stage as one line of at most 80 columns (the latency source is in the table's footer)."""
     knn = "-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}%"
     latency = "-" if row.latency_ms is None else f"{row.latency_ms:.2f} ms"
     params = "-" if row.params is None else f"{row.params / 1e6:.2f}M"
     macs = "-" if row.macs is None else f"{row.macs / 1e6:.1f}M"
-    return (f"{row.name:9s} params {params:>8s}  MACs {macs:>9s}  bytes {row.bytes / 1e6:6.2f} MB  "
-            f"kNN {knn:>7s}  latency {latency} ({row.latency_source})")
+    return (f"{row.name:8s} {params:>7s} params {macs:>8s} MACs {row.bytes / 1e6:6.2f} MB  "
+            f"kNN {knn:>6s}  {latency:>9s}")
 
 
 def recipe_settings(recipe: RecipeConfig) -> dict[str, Any]:

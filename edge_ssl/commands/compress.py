@@ -193,6 +193,7 @@ def quantize(
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     teacher: Annotated[Path, typer.Argument(help="Teacher bundle.")],
     out: Annotated[Path, typer.Option(help="Final bundle (the best stage); stages go to OUT.stages/.")],
     student: Annotated[str | None, typer.Option(help="Student encoder (omit to compress the teacher itself).")] = None,
@@ -235,7 +236,7 @@ def compress(
             result = run_compress(teacher, config, dataset, out, knn=knn, overwrite=overwrite, resume=resume,
                                   log=lambda m: console.print(m), progress=bar.update)
     except CompressInterrupted as stop:
-        typer.echo(_interrupted_text(stop), err=True)
+        typer.echo(_interrupted_text(ctx, stop), err=True)
         raise typer.Exit(130) from None
     if as_json:
         emit_json(result.to_dict())
@@ -277,13 +278,10 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     section[parts[1]] = value
 
 
-def _interrupted_text(stop: Any) -> str:
+def _interrupted_text(ctx: Any, stop: Any) -> str:
     """What Ctrl-C kept and the exact command that continues the run."""
     import shlex
 
-    import click
-
-    ctx = click.get_current_context()
     command = ["edge-ssl", ctx.info_name or "compress", *_given_args(ctx)]
     if "--resume" not in command:
         command.append("--resume")
@@ -298,14 +296,12 @@ def _interrupted_text(stop: Any) -> str:
 
 def _given_args(ctx: Any) -> list[str]:
     """The command line that produced ``ctx``'s parameters (defaults left out)."""
-    import click
-
     args: list[str] = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value is None or value is False or value == () or value == [] or value == param.default:
             continue
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":
             args.append(str(value))
         elif value is True:
             args.append(param.opts[0])
