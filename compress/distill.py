@@ -173,6 +173,9 @@ def distill(
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
     teacher_bundle, teacher_encoder = load_teacher(teacher)
     config_names(config)
+    import torch
+
+    torch.manual_seed(config.seed)  # the student's initial weights follow the seed too
     student = create_encoder(config.student, **config.student_kwargs)
     check_pairing(teacher_encoder.spec, student.spec)
     check_data(data, teacher_encoder.spec, config.batch_size)
