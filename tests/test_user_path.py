@@ -244,7 +244,7 @@ def walk_user_path(fmt: Format, size: int, root: Path) -> Walk:
     for name, precision in (("exported", "fp16"), ("int8", "int8")):
         bench = run_cli("bench", str(b[name]), "--backend", "ort", "--iterations", "20",
                         "--warmup", "0.05", "--threads", "1", "--json")
-        predict = run_cli("predict", str(b[name]), "--device", PREDICT_PROFILE, "--precision", precision,
+        predict = run_cli("predict", str(b[name]), "--for", PREDICT_PROFILE, "--precision", precision,
                           "--json")
         if not (walk.stage("bench", bench) and walk.stage("predict", predict)):
             return walk
