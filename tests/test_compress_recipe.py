@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +92,75 @@ def test_compress_cli_chains_the_stages_and_stores_the_table(teacher_bundle, tmp
     with pytest.raises(SystemExit) as refused:
         main(args)  # OUT exists: one-line error, exit 1
     assert refused.value.code == 1
+
+
+def test_arch_opt_merges_over_the_recipe_student_kwargs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("student: resnet18\nstudent_kwargs: {width: 0.25}\ndistill: {epochs: 3}\n")
+    recipe = load_recipe(path, {"student_kwargs": {"image_size": 64}, "distill": {"device": "cpu"}})
+    assert recipe.student_kwargs == {"width": 0.25, "image_size": 64}
+    assert recipe.distill_config().epochs == 3 and recipe.distill_config().device == "cpu"
+    other = load_recipe(path, {"student": "mobilenetv3_small"})  # kwargs were written for resnet18
+    assert other.student_kwargs == {}
+
+
+def _compress_cli(teacher_bundle, tmp_path, *extra: str) -> tuple[int, str]:
+    from edge_ssl.cli import main
+
+    np.savez(tmp_path / "unlabeled.npz", x=tiny_dataset(16).images)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("distill: {epochs: 1, batch_size: 8, cache_views: 1, queue_size: 16}\n"
+                      "quantize_options: {calibration_images: 16}\n")
+    args = ["compress", str(teacher_bundle.path), "--student", "resnet18_cifar", "--arch-opt", "width=0.125",
+            "--prune", "0.5", "--data", str(tmp_path / "unlabeled.npz"), "--recipe", str(recipe),
+            "--device", "cpu", "--out", str(tmp_path / "c.edge"), *extra]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    return done.value.code, done
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--set", "quantize_options.calibration_images=64"), "calibration_images is 64 but only 16"),
+    (("--set", "quantize_options.calibration_images=8"), "needs at least 16"),
+    (("--set", "prune_options.recovery_epochs=1", "--set", "prune_options.recovery={lr: -1}"),
+     "prune_options.recovery"),
+    (("--max-knn-drop", "1"), "--eval-data"),
+    (("--set", "distill.batch_size=64"), "distill.batch_size=16"),
+    (("--arch-opt", "width=0.5"), r"larger than the teacher: \d+\.\d+M params vs 0\.70M"),
+])
+def test_a_bad_setting_of_any_stage_fails_before_the_first_stage_runs(teacher_bundle, tmp_path, capsys,
+                                                                     extra, expected):
+    """The last stage's settings too: nothing is trained, no stage folder is created."""
+    code, _ = _compress_cli(teacher_bundle, tmp_path, *extra)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert re.search(expected, err), err
+    assert not list(tmp_path.glob("c.edge*")), "no stage may start before every setting is checked"
+
+
+def test_an_out_that_cannot_be_written_names_the_folder(teacher_bundle, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _ = _compress_cli(teacher_bundle, tmp_path, "--out", str(blocker / "c.edge"))
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot write to {blocker}" in err, err
+
+
+def test_a_missed_target_says_which_way_to_go():
+    rows = [_row("teacher", 0.70, 10.0), _row("distill", 0.60, 4.0)]
+    _, met, message = choose_stage(rows, RecipeConfig(max_knn_drop=3.0))
+    assert not met and "a larger student" in message and "a lower --prune ratio" in message
+    assert "a smaller student" not in message
+    _, met, message = choose_stage(rows, RecipeConfig(max_latency_ms=1.0))
+    assert not met and "a smaller student" in message and "a higher --prune ratio" in message
+    assert "a larger student" not in message
+
+
+def test_stage_messages_name_what_compress_takes():
+    from edge_ssl.compress.recipe import compress_terms
+
+    text = compress_terms("distill", "16 images are fewer than one batch of 32; lower --batch-size.")
+    assert "--batch-size" not in text and "distill.batch_size" in text
+    text = compress_terms("quantize", "Raise --max-fallback, use entropy calibration.")
+    assert "quantize_options.max_fallback" in text
+    assert compress_terms("prune", "Lower --ratio or exclude layers.") == "Lower --prune or exclude layers."

@@ -251,7 +251,7 @@ def _compress_recipe(path: Path | None, set_keys: list[str] | None, *, arch_opt:
 
     overrides: dict[str, Any] = {}
     for key, value in parse_key_values(set_keys, "--set").items():
-        _set_dotted(overrides, key, value)
+        _set_dotted(overrides, key, _yaml_value(value))
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if arch_opt:
         overrides["student_kwargs"] = {**overrides.get("student_kwargs", {}),
@@ -260,6 +260,18 @@ def _compress_recipe(path: Path | None, set_keys: list[str] | None, *, arch_opt:
     if distill:
         overrides["distill"] = {**overrides.get("distill", {}), **distill}
     return load_recipe(path, overrides)
+
+
+def _yaml_value(value: Any) -> Any:
+    """``{lr: 0.001}`` or ``[feature, seed]`` as the recipe file would read them."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
