@@ -75,20 +75,24 @@ def test_nan_and_collapse_relative_to_the_parent_are_refused():
     parent = rng.normal(size=(64, 32))
     with pytest.raises(DegenerateOutputError, match="not finite for 1 of 64"):
         check_embeddings("distill", np.where(np.arange(64)[:, None] == 3, np.nan, parent))
-    # Every image on one direction plus a little noise: rank ~1 against the parent's ~30.
-    collapsed = np.ones((64, 32)) + 1e-3 * rng.normal(size=(64, 32))
-    with pytest.raises(DegenerateOutputError, match="its parent's"):
-        check_embeddings("adapt", collapsed, parent)
+    # Every image on one line: well spread along it, but one direction against the parent's ~30.
+    line = rng.normal(size=(64, 1)) * rng.normal(size=(1, 32)) + 0.05
+    with pytest.raises(DegenerateOutputError, match=r"spread rank 1\.\d+ \(its parent's"):
+        check_embeddings("adapt", line, parent)
+    # Every image at one point plus a little noise: collapsed whatever the parent.
+    point = np.ones((64, 32)) + 1e-4 * rng.normal(size=(64, 32))
+    with pytest.raises(DegenerateOutputError, match="spread 0.00"):
+        check_embeddings("adapt", point, parent)
     healthy = check_embeddings("adapt", parent + 0.1 * rng.normal(size=parent.shape), parent)
-    assert healthy.effective_rank > healthy.rank_floor
+    assert healthy.spread_rank > healthy.rank_floor
 
 
 def test_a_healthy_stage_records_its_check(tmp_path):
     bundle = write_tiny_bundle(tmp_path / "t.edge")
     result = prune(bundle, PruneConfig(ratio=0.3), tiny_dataset(16), tmp_path / "p.edge")
     check = result.bundle.manifest.metrics["output_check"]
-    assert check["zero_rows"] == 0 and check["effective_rank"] >= check["rank_floor"]
-    assert check["parent_effective_rank"] is not None
+    assert check["zero_rows"] == 0 and check["spread_rank"] >= check["rank_floor"] > 0
+    assert check["parent_spread_rank"] is not None
 
 
 @pytest.mark.parametrize("size", [32, 64, 96])
