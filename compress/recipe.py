@@ -362,25 +362,21 @@ def check_prune_settings(recipe: RecipeConfig, data: ImageDataset) -> None:
 
 
 def check_quantize_settings(recipe: RecipeConfig, data: ImageDataset) -> None:
-    """INT8 calibration needs calibration_images between the minimum and the images loaded."""
-    from edge_ssl.compress.calibration import MIN_CALIBRATION_IMAGES
+    """The quantize stage's calibration sizes (its own check), and no more calibration
+    images asked for than are loaded: compress names the shortfall instead of using fewer."""
+    from edge_ssl.compress.quantize import check_calibration_settings
 
     config = recipe.quantize_config()
-    if config is None or config.precision != "int8":
+    if config is None:
         return
     wanted, have = config.calibration_images, len(data)
-    if wanted > have:
+    if config.precision == "int8" and wanted > have:
         raise ConfigError(
             f"quantize_options.calibration_images is {wanted} but only {have} unlabeled images are "
             f"loaded; pass --set quantize_options.calibration_images={have} (or fewer), or more "
             "images with --data / a larger --limit."
         )
-    if wanted < MIN_CALIBRATION_IMAGES:
-        raise ConfigError(
-            f"quantize_options.calibration_images is {wanted}; INT8 calibration needs at least "
-            f"{MIN_CALIBRATION_IMAGES}. Pass --set quantize_options.calibration_images="
-            f"{min(have, 256)}."
-        )
+    check_calibration_settings(config, have)
 
 
 def _floor_pow2(n: int) -> int:
