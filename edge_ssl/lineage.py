@@ -91,7 +91,13 @@ def find_float_ancestor(bundle: Bundle) -> Bundle | None:
     while not current.has(WEIGHTS_NAME):
         if not current.manifest.lineage or not current.manifest.lineage[-1].parent:
             return None
-        current = find_parent(current)
+        try:
+            current = find_parent(current)
+        except MissingParentError as exc:
+            raise MissingParentError(
+                f"{bundle.path} has no float weights ({WEIGHTS_NAME}) of its own, so they come "
+                f"from its lineage, and {exc}"
+            ) from None
     return current
 
 
