@@ -3,7 +3,7 @@
     python benchmarks/adapt.py --bundle ../shared/teachers/simclr_resnet18_cifar.edge \
         --data ../shared/data/cifar10 [--quick] --out results.json
 
-Shifted domains: CIFAR-10-C style corruptions (edge_ssl.corruptions) of cifar10_test.npz at
+Shifted domains: CIFAR-10-C style corruptions (edge_ssl.data.corruptions) of cifar10_test.npz at
 one severity. The first half of the test set (corrupted, labels unused) is what the device
 sees and adapts on; the second, unseen half (corrupted, and clean) is scored with kNN top-1
 against a labeled clean train bank embedded once by the deployed model (the index a device
@@ -40,7 +40,7 @@ DEFAULT_BUNDLE = ROOT.parent / "shared" / "teachers" / "simclr_resnet18_cifar.ed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from edge_ssl.corruptions import (
+    from edge_ssl.data.corruptions import (
         BENCHMARK_CORRUPTIONS,
         CIFAR10C_CORRUPTIONS,
         CORRUPTIONS,
@@ -155,7 +155,7 @@ def knn(encoder, bank_emb, bank_y, images, labels, k, device) -> float:
 def memory_ratio(encoder, plan, images, config, replay=None) -> dict[str, float]:
     """Adaptation step peak / full fine-tuning step peak at the plan's batch (same measure).
     A step with replay images also runs a batch of them; the full fine-tuning step does not."""
-    from edge_ssl.adapt_plan import measure_configuration
+    from edge_ssl.adapt.plan import measure_configuration
 
     batch = plan["batch_size"]
     targets = np.zeros((batch, encoder.spec.embed_dim), np.float32)
@@ -169,9 +169,9 @@ def memory_ratio(encoder, plan, images, config, replay=None) -> dict[str, float]
 
 
 def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[str, object]:
-    from edge_ssl.adapt import adapt
-    from edge_ssl.corruptions import corrupt
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.adapt.api import adapt
+    from edge_ssl.data.corruptions import corrupt
+    from edge_ssl.data.sources import ImageDataset
     from edge_ssl.models import load_encoder
 
     adapt_x = corrupt(split["adapt_x"], name, args.severity, seed=args.seed)
@@ -205,9 +205,9 @@ def bn_prior_rows(split, deployed, bank, args, clean: float,
 
     import torch
 
-    from edge_ssl.adapt_bn import reestimate_bn_stats
-    from edge_ssl.adapt_step import iterate_batches
-    from edge_ssl.corruptions import corrupt
+    from edge_ssl.adapt.bn import reestimate_bn_stats
+    from edge_ssl.adapt.step import iterate_batches
+    from edge_ssl.data.corruptions import corrupt
     from edge_ssl.device import resolve_device
 
     device = resolve_device(args.device)
@@ -244,7 +244,7 @@ def tradeoff_table(by_prior: dict[float, dict[str, dict]], clean: float,
 def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str, float | None]:
     """Means over corruptions; ``recovery_frac_significant`` only over shifts larger than two
     standard errors of the accuracy (a 1-2 point gap makes the ratio mostly noise)."""
-    from edge_ssl.adapt_tune import gap_floor
+    from edge_ssl.adapt.tune import gap_floor
 
     floor = gap_floor(clean, eval_images)
     ratios = {n: (r["adapted"] - r["shifted"]) / (clean - r["shifted"])
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data ({args.data}) or bundle ({args.bundle}) not found; see ../shared/*/README.md",
               file=sys.stderr)
         return 2
-    from edge_ssl.adapt_tune import adapt_config_for, bundle_adapt_settings
+    from edge_ssl.adapt.tune import adapt_config_for, bundle_adapt_settings
     from edge_ssl.bundle import Bundle
     from edge_ssl.commands.common import parse_key_values
     from edge_ssl.environment import describe_environment
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     first = folds[0][args.corruptions[0]]
     replay = None
     if config.replay_weight > 0:  # --replay, else the bundle's own images (adapt() used them)
-        from edge_ssl.adapt_replay import load_replay
+        from edge_ssl.adapt.replay import load_replay
 
         replay = split["replay_x"] if "replay_x" in split else load_replay(bundle)
     memory = memory_ratio(deployed, first["plan"], first["_images"], config, replay)

@@ -42,7 +42,7 @@ def shift(emb: np.ndarray, variant: str, target: tuple[np.ndarray, np.ndarray],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_ssl.corruptions import CIFAR10C_CORRUPTIONS, VALIDATION_CORRUPTIONS
+    from edge_ssl.data.corruptions import CIFAR10C_CORRUPTIONS, VALIDATION_CORRUPTIONS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from edge_ssl.adapt_bn import reestimate_bn_stats
-    from edge_ssl.adapt_step import iterate_batches
-    from edge_ssl.adapt_tune import adapt_config_for
+    from edge_ssl.adapt.bn import reestimate_bn_stats
+    from edge_ssl.adapt.step import iterate_batches
+    from edge_ssl.adapt.tune import adapt_config_for
     from edge_ssl.bundle import Bundle
-    from edge_ssl.corruptions import corrupt
+    from edge_ssl.data.corruptions import corrupt
     from edge_ssl.environment import describe_environment
     from edge_ssl.evaluate import embed, knn_top1
     from edge_ssl.models import load_encoder

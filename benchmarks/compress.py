@@ -51,7 +51,7 @@ def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
     """(unlabeled train images, labeled bank, labeled test) from the CIFAR-10 subset."""
     import numpy as np
 
-    from edge_ssl.data import ImageDataset, load_images
+    from edge_ssl.data.sources import ImageDataset, load_images
 
     files = [data_dir / f"cifar10_train_{i}.npz" for i in range(4)]
     test_file = data_dir / "cifar10_test.npz"
@@ -71,7 +71,7 @@ def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
 def _concat(parts: list[Any]) -> Any:
     import numpy as np
 
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.data.sources import ImageDataset
 
     return ImageDataset(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                         parts[0].class_names, " + ".join(p.source for p in parts))
@@ -142,7 +142,7 @@ def ssl_alone(student_kwargs: dict[str, Any], data: Any, seconds: float, setting
               out: Path, device: str) -> tuple[Any, int]:
     """SimCLR on the same student for (at least) the same wall-clock time as distillation."""
     from edge_ssl.bundle import Bundle
-    from edge_ssl.pretrain import PretrainConfig, pretrain
+    from edge_ssl.train.pretrain import PretrainConfig, pretrain
 
     started, epochs = time.perf_counter(), 0
     while epochs == 0 or time.perf_counter() - started < seconds:

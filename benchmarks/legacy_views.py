@@ -1,6 +1,6 @@
 """The kornia view pipeline that pretraining used before issue 5, kept only as the throughput
 benchmark's ``old-default`` baseline (``pip install kornia``). edge-ssl itself uses
-``edge_ssl.views.ViewAugment`` (batched torch ops, no kornia)."""
+``edge_ssl.data.views.ViewAugment`` (batched torch ops, no kornia)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-from edge_ssl.lazy import require
-from edge_ssl.spec import InputSpec
-from edge_ssl.views import (
+from edge_ssl.data.views import (
     BLUR_SIGMA,
     CROP_RATIO,
     SOLARIZE_THRESHOLD,
@@ -20,6 +18,8 @@ from edge_ssl.views import (
     ViewConfig,
     _blur_kernel,
 )
+from edge_ssl.lazy import require
+from edge_ssl.spec import InputSpec
 
 
 class KorniaViewAugment(ViewAugment):

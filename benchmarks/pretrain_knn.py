@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from edge_ssl.data import load_images
+    from edge_ssl.data.sources import load_images
     from edge_ssl.environment import describe_environment
     from edge_ssl.evaluate import EvalConfig, evaluate_encoder
     from edge_ssl.models import create_encoder
-    from edge_ssl.pretrain import PretrainConfig, pretrain
+    from edge_ssl.train.pretrain import PretrainConfig, pretrain
 
     train = load_images([str(p) for p in train_files])
     test = load_images(str(test_file))

@@ -103,7 +103,7 @@ def legacy_views(enabled: bool) -> Any:
         return contextlib.nullcontext()
     from legacy_views import KorniaViewAugment
 
-    import edge_ssl.views as views
+    import edge_ssl.data.views as views
 
     return patched(views, "ViewAugment", KorniaViewAugment)
 
@@ -112,7 +112,7 @@ def legacy_lars(enabled: bool) -> Any:
     """The per-tensor LARS loop of the old default."""
     if not enabled:
         return contextlib.nullcontext()
-    import edge_ssl.optim as optim
+    import edge_ssl.train.optim as optim
 
     class PerTensorLARS(optim.LARS):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -136,7 +136,7 @@ def old_parts(name: str) -> Any:
 
 def setting_config(name: str, args: argparse.Namespace, device: str, steps: int) -> Any:
     """The PretrainConfig of ``steps`` steps of one setting."""
-    import edge_ssl.pretrain as pretrain_module
+    import edge_ssl.train.pretrain as pretrain_module
 
     knobs = {k: v for k, v in SETTINGS[name].items() if k not in ("legacy_lars", "legacy_views")}
     return pretrain_module.PretrainConfig(
@@ -149,8 +149,8 @@ def setting_config(name: str, args: argparse.Namespace, device: str, steps: int)
 def measure(name: str, args: argparse.Namespace, data: Any, device: str, total: int) -> dict[str, Any]:
     """Images/s after warm-up and the read-out losses of one setting over ``total`` steps
     (the same steps for every setting)."""
-    import edge_ssl.pretrain as pretrain_module
-    from edge_ssl.batches import InMemoryBatches
+    import edge_ssl.train.pretrain as pretrain_module
+    from edge_ssl.data.batches import InMemoryBatches
 
     config, warmup = setting_config(name, args, device, total), warmup_steps(name, args)
     source = TimedSource(InMemoryBatches(data), warmup)
@@ -187,8 +187,8 @@ def profile_setting(name: str, args: argparse.Namespace, data: Any, device: Any,
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, schedule
 
-    import edge_ssl.pretrain as pretrain_module
-    from edge_ssl.batches import InMemoryBatches
+    import edge_ssl.train.pretrain as pretrain_module
+    from edge_ssl.data.batches import InMemoryBatches
 
     warmup = warmup_steps(name, args)
     config = setting_config(name, args, str(device), warmup + 2 + active)
@@ -251,9 +251,9 @@ def flops_per_image(args: argparse.Namespace) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edge_ssl.methods import create_method
+    from edge_ssl.data.views import ViewAugment, view_preset
     from edge_ssl.models import create_encoder
-    from edge_ssl.views import ViewAugment, view_preset
+    from edge_ssl.train.methods import create_method
 
     torch.manual_seed(0)
     method = create_method(args.method, create_encoder(args.arch, width=args.width))
@@ -270,12 +270,12 @@ def flops_per_image(args: argparse.Namespace) -> float:
 
 def views_milliseconds(args: argparse.Namespace, device: Any, repeats: int = 20) -> dict[str, float | None]:
     """Milliseconds per call of the method's views on one batch: kornia (old, None when kornia
-    is not installed) vs edge_ssl.views."""
+    is not installed) vs edge_ssl.data.views."""
     import torch
 
-    from edge_ssl.methods import create_method
+    from edge_ssl.data.views import ViewAugment, view_preset
     from edge_ssl.models import create_encoder
-    from edge_ssl.views import ViewAugment, view_preset
+    from edge_ssl.train.methods import create_method
 
     method = create_method(args.method, create_encoder(args.arch, width=args.width))
     spec = method.encoder.spec.input
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.data.sources import ImageDataset
     from edge_ssl.device import resolve_device
     from edge_ssl.environment import describe_environment
 

@@ -66,8 +66,8 @@ def export_both(bundle: Path, root: Path) -> dict[str, Any]:
 
 
 def latency(bundle: Any, backend: str, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    from edge_ssl.runtime.backends import open_runner
     from edge_ssl.runtime.bench import benchmark
-    from edge_ssl.runtime.runner import open_runner
 
     runner = open_runner(bundle, backend, threads=args.threads, **kwargs)
     report = benchmark(runner, batch_sizes=BATCHES, duration_s=args.duration, warmup_s=args.warmup)
@@ -210,8 +210,8 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=TEACHER)
     args = parser.parse_args()
 
+    from edge_ssl.runtime.backends import available_backends
     from edge_ssl.runtime.bench import bench_environment
-    from edge_ssl.runtime.runner import available_backends
 
     from edge_ssl.bundle import Bundle
 

@@ -34,7 +34,7 @@ def check_calibration_images(images: Any, input_spec: InputSpec,
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
         raise DataError(
             f"calibration images must be uint8 (N, H, W, {channels}); got {images.dtype} "
-            f"{tuple(images.shape)}. Load them with edge_ssl.data.load_images (--data)."
+            f"{tuple(images.shape)}. Load them with edge_ssl.data.sources.load_images (--data)."
         )
     if images.shape[1:3] != (height, width):
         raise DataError(

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_ssl.distributed import gather_batch
 from edge_ssl.errors import ConfigError
-from edge_ssl.methods.base import full_precision, loss_dtype, mlp_head
+from edge_ssl.train.distributed import gather_batch
+from edge_ssl.train.methods.base import full_precision, loss_dtype, mlp_head
 
 
 def distill_head(student_dim: int, teacher_dim: int, hidden_dim: int = 512) -> nn.Sequential:

@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_ssl.bundle import Bundle
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, EdgeSSLError
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
@@ -289,10 +289,10 @@ def _taylor_gradients(model: Any, config: PruneConfig, data: ImageDataset | None
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from edge_ssl.compress.distill import teacher_embed
+    from edge_ssl.compress.training import teacher_embed
 
+    from edge_ssl.data.views import ViewAugment, view_preset
     from edge_ssl.tensors import images_to_tensor
-    from edge_ssl.views import ViewAugment, view_preset
 
     if data is None or reference is None:
         raise PruneError("taylor importance needs unlabeled images (--data) to compute gradients.")

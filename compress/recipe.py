@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_ssl.bundle import Bundle, read_results, record_results, results_path
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lineage import require_float_weights
 

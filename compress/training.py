@@ -14,21 +14,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from edge_ssl.compress.distill import (
+from edge_ssl.compress.distill_config import (
     AUTO_CPU_CACHE_VIEWS,
     CACHE_NAME,
     CHECKPOINT_NAME,
     DistillConfig,
     DistillProgress,
     DistillResult,
-    teacher_embed,
 )
 from edge_ssl.compress.losses import FeatureRegressionLoss, SEEDLoss, distill_head
 from torch import nn
 
 from edge_ssl.bundle import atomic_write_bytes
 from edge_ssl.config import config_to_dict
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import CheckpointError, ConfigError, TrainingError
 from edge_ssl.tensors import images_to_tensor, normalize
 
@@ -55,7 +54,7 @@ class DistillObjective(nn.Module):
         )
         self.ssl: nn.Module | None = None
         if "ssl" in config.objectives:
-            from edge_ssl.methods import create_method
+            from edge_ssl.train.methods import create_method
 
             self.ssl = create_method(config.ssl_method, student, **config.ssl_kwargs)
 
@@ -129,8 +128,8 @@ def build_teacher_cache(teacher: nn.Module, data: ImageDataset, student_spec: An
                         *, seed: int, view_preset: str, device: torch.device,
                         batch_size: int = 256) -> TeacherCache:
     """Draw ``num_views - 1`` augmented views per image (seeded) and embed all with the teacher."""
-    from edge_ssl.views import ViewAugment
-    from edge_ssl.views import view_preset as make_preset
+    from edge_ssl.data.views import ViewAugment
+    from edge_ssl.data.views import view_preset as make_preset
 
     spec = student_spec.input
     generator = torch.Generator().manual_seed(seed)
@@ -164,9 +163,9 @@ class DistillSession:
     def build(cls, student: nn.Module, teacher: nn.Module, data: ImageDataset, config: DistillConfig,
               device: torch.device, dist_info: Any, ckpt_dir: Path | None,
               identity: Mapping[str, Any] | None) -> DistillSession:
-        from edge_ssl.distributed import wrap_ddp
-        from edge_ssl.optim import cosine_with_warmup, scaled_lr  # noqa: F401
-        from edge_ssl.views import ViewAugment, view_preset
+        from edge_ssl.data.views import ViewAugment, view_preset
+        from edge_ssl.train.distributed import wrap_ddp
+        from edge_ssl.train.optim import cosine_with_warmup, scaled_lr  # noqa: F401
 
         objective = DistillObjective(student, teacher.spec.embed_dim, config).to(device)
         global_batch = config.batch_size * dist_info.world_size
@@ -293,7 +292,7 @@ class DistillSession:
 
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[DistillProgress], None] | None) -> DistillResult:
-        from edge_ssl.distributed import broadcast_buffers, mean_over_ranks
+        from edge_ssl.train.distributed import broadcast_buffers, mean_over_ranks
 
         self.ensure_cache()
         started, images, last = time.perf_counter(), 0, float("nan")
@@ -330,7 +329,7 @@ class DistillSession:
                              rank=self.dist.rank)
 
     def _set_lr(self, global_step: int) -> float:
-        from edge_ssl.optim import cosine_with_warmup
+        from edge_ssl.train.optim import cosine_with_warmup
 
         total = self.steps_per_epoch * self.config.epochs
         warmup = int(round(self.config.warmup_epochs * self.steps_per_epoch))
@@ -338,3 +337,18 @@ class DistillSession:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+def teacher_embed(teacher: Any, views: Any, student_spec: Any) -> Any:
+    """Teacher embeddings (float32) of views normalized for the student: re-normalized for the teacher."""
+    s_mean = views.new_tensor(student_spec.input.mean).view(1, -1, 1, 1)
+    s_std = views.new_tensor(student_spec.input.std).view(1, -1, 1, 1)
+    t_mean = views.new_tensor(teacher.spec.input.mean).view(1, -1, 1, 1)
+    t_std = views.new_tensor(teacher.spec.input.std).view(1, -1, 1, 1)
+    pixels = views * s_std + s_mean
+    dtype = getattr(teacher, "compute_dtype", torch.float32)
+    # no_grad, not inference_mode: the embeddings are loss targets, saved for the backward.
+    with torch.no_grad(), torch.autocast(
+        views.device.type, dtype=dtype, enabled=dtype != torch.float32
+    ):
+        return teacher((pixels - t_mean) / t_std).float()

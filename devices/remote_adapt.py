@@ -36,7 +36,7 @@ from edge_ssl.devices.deploy import (
 )
 from edge_ssl.devices.target import Target, TargetConnectionError, TargetError
 
-from edge_ssl.adapt import deployment_name
+from edge_ssl.adapt.inputs import deployment_name
 from edge_ssl.bundle import (
     WEIGHTS_NAME,
     Bundle,
@@ -63,7 +63,7 @@ class DeviceAdaptJob:
 
     data: tuple[str, ...]  # image paths on the device
     cli_args: tuple[str, ...] = ()  # adapt options passed through (--steps, --trainable, ...)
-    name: str | None = None  # deployment name (default: edge_ssl.adapt.deployment_name)
+    name: str | None = None  # deployment name (default: edge_ssl.adapt.inputs.deployment_name)
     python: str | None = None  # the device's Python with torch + edge-ssl (default: the agent's)
     profile: str | None = None  # device profile for the default budget (default: detected)
     resume: bool = False

@@ -39,7 +39,7 @@ WorkersOpt = Annotated[int | None, typer.Option(
 
 def _pretrain_labels() -> dict[str, str]:
     """Errors raised from `edge-ssl pretrain` name its flags, not PretrainConfig fields."""
-    from edge_ssl.methods import METHODS
+    from edge_ssl.train.methods import METHODS
 
     labels = {"PretrainConfig": "--{flag}"}
     labels |= {METHODS.get(name).config_class.__name__: "--method-opt {name}" for name in METHODS}
@@ -79,7 +79,7 @@ def pretrain(
 ) -> None:
     """Pretrain an SSL encoder and write it as a bundle. Runs unchanged under torchrun (DDP)."""
     from edge_ssl.config import check_int, cli_labels
-    from edge_ssl.pretrain import PretrainConfig, check_outputs
+    from edge_ssl.train.pretrain import PretrainConfig, check_outputs
 
     with cli_labels(_pretrain_labels()):
         config = PretrainConfig(
@@ -98,8 +98,11 @@ def pretrain(
         dataset = _pretrain_data(data, limit, image_size, stream=stream, workers=workers,
                                  input_size=_input_size(arch, config.arch_kwargs))
         result = _run_pretrain(config, dataset, out, resume=resume, overwrite=overwrite)
-    if result.bundle is None:  # ranks > 0 under torchrun
-        return
+    if result.bundle is not None:  # ranks > 0 under torchrun write nothing
+        _pretrain_summary(result, as_json)
+
+
+def _pretrain_summary(result: Any, as_json: bool) -> None:
     summary = {
         "bundle": str(result.bundle.path),
         "manifest_sha256": result.bundle.manifest_sha256,
@@ -109,11 +112,9 @@ def pretrain(
     }
     if as_json:
         emit_json(summary)
-    else:
-        typer.echo(
-            f"wrote {summary['bundle']}  loss {result.final_loss:.4f}  "
-            f"{result.images_per_second:.0f} images/s"
-        )
+        return
+    typer.echo(f"wrote {summary['bundle']}  loss {result.final_loss:.4f}  "
+               f"{result.images_per_second:.0f} images/s")
 
 
 def _pretrain_data(
@@ -121,7 +122,7 @@ def _pretrain_data(
     stream: str = "auto", workers: int | None = None, input_size: int = 32,
 ) -> Any:
     """The training images (a BatchSource: in memory or streamed), with a one-line note."""
-    from edge_ssl.streaming import choose_source, describe_source
+    from edge_ssl.data.streaming import choose_source, describe_source
 
     source = choose_source(data_source(data), input_size, stream=stream, load_size=image_size,
                            limit=limit, workers=workers)
@@ -130,15 +131,15 @@ def _pretrain_data(
 
 
 def _input_size(arch: str, arch_kwargs: dict[str, Any]) -> int:
-    from edge_ssl.streaming import input_size_for
+    from edge_ssl.data.streaming import input_size_for
 
     return input_size_for(arch, arch_kwargs)
 
 
 def _run_pretrain(config: Any, dataset: Any, out: Path, *, resume: bool, overwrite: bool) -> Any:
     """pretrain() with a progress bar; Ctrl-C says what was kept and how to --resume (exit 130)."""
-    from edge_ssl.pretrain import checkpoint_dir
-    from edge_ssl.pretrain import pretrain as run_pretrain
+    from edge_ssl.train.pretrain import checkpoint_dir
+    from edge_ssl.train.pretrain import pretrain as run_pretrain
 
     try:
         with TrainingProgress(stderr_console()) as bar:
@@ -232,8 +233,8 @@ def eval_(
     """kNN and linear-probe top-1 on frozen embeddings, plus collapse health; saved beside the bundle."""
     from edge_ssl.bundle import results_path
     from edge_ssl.config import cli_labels
+    from edge_ssl.data.streaming import evaluate_bundle_streamed
     from edge_ssl.evaluate import EvalConfig
-    from edge_ssl.streaming import evaluate_bundle_streamed
 
     with cli_labels({"EvalConfig": "--{flag}", "evaluate": "--{flag}"}):
         config = EvalConfig(

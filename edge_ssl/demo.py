@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_ssl.errors import ConfigError, EdgeSSLError, MissingDependencyError
-from edge_ssl.pretrain import PretrainConfig
+from edge_ssl.train.pretrain import PretrainConfig
 
 #: Backends benchmarked when this machine has them, in table order.
 BENCH_BACKENDS = ("torch", "ort", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
@@ -166,7 +166,7 @@ def stage_teacher(run: DemoRun) -> None:
     if "teacher" in run.bundles:
         run.log(f"      using --teacher {run.bundles['teacher'].path}")
         return
-    from edge_ssl.pretrain import pretrain
+    from edge_ssl.train.pretrain import pretrain
 
     config = replace(run.config.teacher, device=run.device)
     run.log(f"      {config.method} on {config.arch} x{config.arch_kwargs.get('width', 1)}, "
@@ -261,8 +261,8 @@ def stage_evaluate(run: DemoRun) -> None:
 def stage_benchmark(run: DemoRun) -> None:
     """Latency (batch 1) of every stage on every backend available here."""
     _need("edge_ssl.runtime.bench", "latency measurement")
+    from edge_ssl.runtime.backends import available_backends
     from edge_ssl.runtime.bench import bench_bundle
-    from edge_ssl.runtime.runner import available_backends
 
     backends = [b for b, reason in available_backends().items() if reason is None and b in BENCH_BACKENDS]
     run.log(f"      backends here: {', '.join(backends)}")
@@ -300,9 +300,9 @@ def stage_predict(run: DemoRun) -> None:
 
 def stage_adapt(run: DemoRun) -> None:
     """Adapt the deployed student to a shifted (corrupted) copy of the images, without labels."""
-    _need("edge_ssl.adapt", "on-device adaptation")
-    _need("edge_ssl.corruptions", "corruptions")
-    from edge_ssl.adapt import AdaptConfig, adapt
+    _need("edge_ssl.adapt.api", "on-device adaptation")
+    _need("edge_ssl.data.corruptions", "corruptions")
+    from edge_ssl.adapt.api import AdaptConfig, adapt
     from edge_ssl.bundle import record_results
 
     deployed = next((run.rows[s] for s in ("pruned", "student", "teacher") if s in run.rows), None)
@@ -328,7 +328,7 @@ def stage_adapt(run: DemoRun) -> None:
 
 
 def stage_report(run: DemoRun) -> None:
-    from edge_ssl.report import write_report
+    from edge_ssl.report.write import write_report
 
     paths = [bundle.path for bundle in _table_bundles(run).values()]
     if not paths:
@@ -368,7 +368,7 @@ def _table_bundles(run: DemoRun) -> dict[str, Any]:
 
 def open_eval_runner(bundle: Any) -> tuple[Any, str]:
     """onnxruntime when the bundle has an ONNX graph (fast on CPU, and the only way for INT8), else torch."""
-    from edge_ssl.runtime.runner import open_runner
+    from edge_ssl.runtime.backends import open_runner
 
     backend = "ort" if bundle.has("model.onnx") else "torch"
     return open_runner(bundle, backend), backend
@@ -406,8 +406,8 @@ def _record_model_counts(bundle: Any) -> None:
 
 def shifted_copies(run: DemoRun) -> tuple[Any, Any]:
     """(unlabeled corrupted train images for adaptation, labeled corrupted test images)."""
-    from edge_ssl.corruptions import corrupt
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.data.corruptions import corrupt
+    from edge_ssl.data.sources import ImageDataset
 
     name, severity, seed = run.config.corruption, run.config.severity, run.config.seed
     local = ImageDataset(corrupt(run.train.images, name, severity, seed=seed), None,
@@ -423,7 +423,7 @@ def _shifted_knn(bundle: Any, run: DemoRun, shifted_test: Any) -> float:
 
 def demo_table(data: Any, stages: list[str]) -> dict[str, Any]:
     """The printed table: one row per stage, latency and speed-up columns per backend (measured only)."""
-    from edge_ssl.report import human_bytes, human_count, latency_text, percent
+    from edge_ssl.report.rows import human_bytes, human_count, latency_text, percent
 
     keys = data.latency_keys()
     columns = ["stage", "params", "MACs", "size", "kNN top-1"]
@@ -450,7 +450,7 @@ def summary(run: DemoRun, seconds: float) -> dict[str, Any]:
     table: dict[str, Any] = {"columns": [], "rows": []}
     paths = [bundle.path for bundle in _table_bundles(run).values()]
     if paths:
-        from edge_ssl.report import collect_report
+        from edge_ssl.report.collect import collect_report
 
         data = collect_report(paths)
         table = demo_table(data, list(_table_bundles(run)))

@@ -200,7 +200,7 @@ def embed(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(
             f"embed expects uint8 images shaped (N, H, W, 3); got {images.dtype} "
-            f"{tuple(images.shape)}. Load images through edge_ssl.data, which yields that layout."
+            f"{tuple(images.shape)}. Load images through edge_ssl.data.sources, which yields that layout."
         )
     if len(images) == 0:
         return np.empty((0, spec.embed_dim), dtype=np.float32)
@@ -444,7 +444,7 @@ def evaluate_encoder(
 ) -> EvalResult:
     """Embed labeled ``train`` and ``test`` images with a frozen encoder and score them.
 
-    ``train``/``test`` are :class:`edge_ssl.data.ImageDataset`-like: ``.images`` uint8
+    ``train``/``test`` are :class:`edge_ssl.data.sources.ImageDataset`-like: ``.images`` uint8
     (N, H, W, 3), ``.labels`` int array or None, ``.num_classes``. The train embeddings are
     the kNN bank and the probe's training set; health is measured on them. The encoder is
     not modified (see :func:`embed`).
@@ -470,38 +470,16 @@ def evaluate_encoder(
     model = _on_device(encoder, device, torch)  # copy once, not once per split
     train_emb = embed(model, train_images, batch_size=config.batch_size, device=device)
     test_emb = embed(model, test_images, batch_size=config.batch_size, device=device)
-    health = embedding_health(train_emb)
-    knn = {
-        k: knn_top1(
-            train_emb,
-            train_labels,
-            test_emb,
-            test_labels,
-            k=k,
-            temperature=config.knn_temperature,
-            num_classes=num_classes,
-        )
-        for k in config.knn_k
-    }
-    probe = (
-        linear_probe_top1(
-            train_emb,
-            train_labels,
-            test_emb,
-            test_labels,
-            seed=config.seed,
-            max_iter=config.probe_max_iter,
-        )
-        if config.probe
-        else None
-    )
+    knn = {k: knn_top1(train_emb, train_labels, test_emb, test_labels, k=k,
+                       temperature=config.knn_temperature, num_classes=num_classes)
+           for k in config.knn_k}
+    probe = None
+    if config.probe:
+        probe = linear_probe_top1(train_emb, train_labels, test_emb, test_labels, seed=config.seed,
+                                  max_iter=config.probe_max_iter)
     return EvalResult(
-        knn_top1=knn,
-        linear_probe_top1=probe,
-        health=health,
-        num_train=len(train_labels),
-        num_test=len(test_labels),
-        num_classes=num_classes,
+        knn_top1=knn, linear_probe_top1=probe, health=embedding_health(train_emb),
+        num_train=len(train_labels), num_test=len(test_labels), num_classes=num_classes,
         seconds=time.perf_counter() - started,
     )
 
@@ -511,7 +489,7 @@ def _labeled_arrays(dataset: Any, role: str) -> tuple[np.ndarray, np.ndarray]:
     if images is None:
         raise DataError(
             f"the {role} data ({type(dataset).__name__}) has no .images; evaluation needs an "
-            f"edge_ssl.data.ImageDataset (uint8 images (N, H, W, 3) with labels)."
+            f"edge_ssl.data.sources.ImageDataset (uint8 images (N, H, W, 3) with labels)."
         )
     images = np.asarray(images)
     if len(images) == 0:
@@ -636,7 +614,7 @@ def load_eval_data(
     split (the embedded default, a cifar-10-batches-py folder) uses it, and any other
     source is split stratified into ``1 - test_fraction`` / ``test_fraction``.
     """
-    from edge_ssl.data import detect_format, load_images, split_dataset
+    from edge_ssl.data.sources import detect_format, load_images, split_dataset
 
     if limit is not None:
         check_int("evaluate", "limit", limit)

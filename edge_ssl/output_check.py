@@ -57,7 +57,7 @@ def probe_images(input_spec: Any, images: np.ndarray | None = None,
     if images is not None and len(images) >= 2 and tuple(images.shape[1:3]) == size:
         step = max(1, len(images) // count)
         return np.asarray(images[::step][:count])
-    from edge_ssl.data import _resized, embedded_default
+    from edge_ssl.data.sources import _resized, embedded_default
 
     digits = embedded_default()
     picked = digits.subset(np.linspace(0, len(digits) - 1, count).astype(int))

@@ -259,7 +259,7 @@ def bench_bundle(
 ) -> BenchReport:
     """Benchmark a bundle on one backend; store the report in the results file beside it
     (key "bench", per runner name), never in the bundle."""
-    from edge_ssl.runtime.runner import open_runner
+    from edge_ssl.runtime.backends import open_runner
 
     from edge_ssl.bundle import Bundle, read_results, record_results
 

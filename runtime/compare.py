@@ -147,8 +147,8 @@ def compare_bundles(
     ``backend_a`` "default" means torch when A holds float weights (the reference a graph
     should match), else auto. Each runner gets the input its graph expects.
     """
+    from edge_ssl.runtime.backends import open_runner
     from edge_ssl.runtime.embed import embed_with_runner, sample_images
-    from edge_ssl.runtime.runner import open_runner
 
     sides = [_open_side(a), _open_side(b)]
     spec = next((s.manifest.input for s in sides if s is not None), None)

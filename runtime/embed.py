@@ -49,7 +49,7 @@ def embed_with_runner(
 
 def sample_images(data: list[str] | None = None, limit: int = 64) -> np.ndarray:
     """Real uint8 images for checks: ``data`` sources (test split) or the embedded digits test split."""
-    from edge_ssl.data import embedded_default, load_images
+    from edge_ssl.data.sources import embedded_default, load_images
 
     if not isinstance(limit, int) or limit < 1:
         raise RunnerError(f"limit must be a positive integer; got {limit!r}.")

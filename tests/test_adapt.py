@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_ssl.adapt import AdaptConfig, adapt, checkpoint_path
-from edge_ssl.adapt_config import MIN_IMAGES
+from edge_ssl.adapt.api import AdaptConfig, adapt
+from edge_ssl.adapt.config import MIN_IMAGES
+from edge_ssl.adapt.inputs import checkpoint_path
 from edge_ssl.bundle import Bundle, BundleWriter, write_encoder_bundle
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import BundleError, ConfigError, DataError
 from edge_ssl.models import create_encoder, load_encoder
 from tests.conftest import PROJECT_ROOT
@@ -66,7 +67,7 @@ def test_writes_a_plain_encoder_bundle_with_lineage(parent, tmp_path, trainable)
 
 
 def test_a_shallow_bn_depth_keeps_deep_statistics_except_where_the_steps_changed_the_input(parent, tmp_path):
-    from edge_ssl.adapt_bn import batch_norms
+    from edge_ssl.adapt.bn import batch_norms
 
     adapt(parent, _images(48), tmp_path / "a.edge",
           AdaptConfig(trainable="lora", bn_depth=0.5, **FAST))
@@ -81,7 +82,7 @@ def test_a_shallow_bn_depth_keeps_deep_statistics_except_where_the_steps_changed
 
 
 def test_alignment_steps_leave_the_deep_layers_at_the_deployed_statistics(parent, tmp_path):
-    from edge_ssl.adapt_bn import batch_norms
+    from edge_ssl.adapt.bn import batch_norms
 
     result = adapt(parent, _images(48), tmp_path / "a.edge",
                    AdaptConfig(trainable="lora", bn_depth=0.5, align_weight=1.0, **FAST))
@@ -97,7 +98,7 @@ def test_alignment_steps_leave_the_deep_layers_at_the_deployed_statistics(parent
 @pytest.mark.parametrize("distill_to", ["bn-adapted", "deployed"])
 def test_distillation_targets_follow_distill_to_and_are_checkpointed(parent, tmp_path, monkeypatch,
                                                                      distill_to):
-    import edge_ssl.adapt_run as adapt_run
+    import edge_ssl.adapt.run as adapt_run
     from edge_ssl.evaluate import embed
 
     seen, states = [], []
@@ -186,7 +187,7 @@ def test_guard_stops_on_drift_and_keeps_the_last_good_weights(parent, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch_and_retries(parent, tmp_path, monkeypatch):
-    from edge_ssl.adapt_run import AdaptRun
+    from edge_ssl.adapt.run import AdaptRun
 
     real = AdaptRun._forward_backward
     failures = []
@@ -259,7 +260,7 @@ def test_cli_reports_json_and_one_line_errors(parent, tmp_path, capsys):
 
 
 def test_adapted_bundles_belong_to_the_deployment_they_started_from(parent, tmp_path):
-    from edge_ssl.adapt import deployment_name
+    from edge_ssl.adapt.inputs import deployment_name
     from edge_ssl.bundle import lineage_entry
 
     encoder = load_encoder(parent)

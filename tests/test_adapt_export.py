@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_ssl.adapt import AdaptConfig, adapt
+from edge_ssl.adapt.api import AdaptConfig, adapt
 from edge_ssl.bundle import BundleWriter
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.models import create_encoder, load_encoder
 from tests.conftest import COSINE_MIN
 

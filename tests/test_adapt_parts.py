@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from edge_ssl.adapt_bn import batch_norms, reestimate_bn_stats
-from edge_ssl.adapt_config import AdaptConfig
-from edge_ssl.adapt_export import fold_batchnorm
-from edge_ssl.adapt_plan import measure_configuration
-from edge_ssl.adapt_trainables import apply_trainables
+from edge_ssl.adapt.bn import batch_norms, reestimate_bn_stats
+from edge_ssl.adapt.config import AdaptConfig
+from edge_ssl.adapt.export import fold_batchnorm
+from edge_ssl.adapt.guard import GuardConfig, check_embeddings
+from edge_ssl.adapt.lora import add_lora, merge_lora
+from edge_ssl.adapt.memory import MemoryFit, StepMemory, fit_memory, measure_step
+from edge_ssl.adapt.plan import measure_configuration
+from edge_ssl.adapt.trainables import apply_trainables
 from edge_ssl.errors import ConfigError
 from edge_ssl.evaluate import embedding_health
-from edge_ssl.guard import GuardConfig, check_embeddings
-from edge_ssl.lora import add_lora, merge_lora
-from edge_ssl.memory import MemoryFit, StepMemory, fit_memory, measure_step
 from edge_ssl.models import create_encoder
 from tests.conftest import ATOL, RTOL
 
@@ -95,7 +95,7 @@ def test_adabn_sets_statistics_of_the_local_data(encoder, batch):
 
 
 def test_a_shallow_depth_reestimates_only_the_first_layers_and_gives_the_deep_ones_the_source(encoder, batch):
-    from edge_ssl.adapt_bn import bn_statistics, shallow_count
+    from edge_ssl.adapt.bn import bn_statistics, shallow_count
 
     deployed = bn_statistics(encoder)
     layers = list(batch_norms(encoder))
@@ -120,7 +120,7 @@ def test_a_shallow_depth_reestimates_only_the_first_layers_and_gives_the_deep_on
 
 
 def test_bn_input_statistics_are_those_of_each_layers_input_and_change_nothing(encoder, batch):
-    from edge_ssl.adapt_bn import bn_input_statistics, bn_statistics
+    from edge_ssl.adapt.bn import bn_input_statistics, bn_statistics
 
     before = bn_statistics(encoder)
     stats = bn_input_statistics(encoder, iter([batch[:2], batch[2:]]))
@@ -133,7 +133,7 @@ def test_bn_input_statistics_are_those_of_each_layers_input_and_change_nothing(e
 
 
 def test_carrying_the_step_change_moves_only_deep_layers_whose_inputs_changed(encoder):
-    from edge_ssl.adapt_bn import bn_statistics, carry_step_change
+    from edge_ssl.adapt.bn import bn_statistics, carry_step_change
 
     source = bn_statistics(encoder)
     count = len(source)
@@ -153,8 +153,8 @@ def test_carrying_the_step_change_moves_only_deep_layers_whose_inputs_changed(en
 
 
 def test_alignment_is_zero_at_the_deployed_statistics_and_grows_with_the_shift(encoder, batch):
-    from edge_ssl.adapt_bn import bn_input_statistics, shallow_count
-    from edge_ssl.adapt_step import aligned_norms, alignment_term
+    from edge_ssl.adapt.bn import bn_input_statistics, shallow_count
+    from edge_ssl.adapt.step import aligned_norms, alignment_term
 
     every = list(batch_norms(encoder))
     assert aligned_norms(encoder, AdaptConfig(bn_depth=0.5)) == every[shallow_count(len(every), 0.5):]
@@ -174,7 +174,7 @@ def test_alignment_is_zero_at_the_deployed_statistics_and_grows_with_the_shift(e
 
 
 def test_alignment_needs_layers_that_keep_the_deployed_statistics():
-    from edge_ssl.adapt_step import check_alignment
+    from edge_ssl.adapt.step import check_alignment
 
     with pytest.raises(ConfigError, match="align_weight"):
         AdaptConfig(align_weight=1.0, bn_depth=1.0)
@@ -253,7 +253,7 @@ def test_guard_flags_collapse_and_drift():
 
 
 def test_a_second_reestimation_mixes_with_the_deployed_statistics_not_the_adapted_ones(encoder, batch):
-    from edge_ssl.adapt_bn import bn_statistics
+    from edge_ssl.adapt.bn import bn_statistics
 
     deployed = bn_statistics(encoder)
     shifted = batch * 3 + 2

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_ssl.adapt import AdaptConfig, adapt, checkpoint_path
-from edge_ssl.adapt_plan import measure_configuration
-from edge_ssl.adapt_run import load_checkpoint
-from edge_ssl.adapt_step import replay_term
+from edge_ssl.adapt.api import AdaptConfig, adapt
+from edge_ssl.adapt.inputs import checkpoint_path
+from edge_ssl.adapt.plan import measure_configuration
+from edge_ssl.adapt.run import load_checkpoint
+from edge_ssl.adapt.step import replay_term
 from edge_ssl.bundle import Bundle, write_encoder_bundle
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import CheckpointError, ConfigError, DataError
 from edge_ssl.evaluate import embed
 from edge_ssl.models import create_encoder, load_encoder
@@ -79,7 +80,7 @@ def test_negative_replay_weight_is_a_config_error():
 
 
 def test_resume_refuses_other_replay_images(parent, tmp_path, monkeypatch):
-    import edge_ssl.adapt_run as adapt_run
+    import edge_ssl.adapt.run as adapt_run
 
     config = AdaptConfig(replay_weight=1.0, **{**FAST, "steps": 3})
     replay = _uint8(12, 2)
@@ -109,7 +110,7 @@ def test_the_plan_measures_the_replay_batch(parent):
 
 
 def test_sample_replay_spreads_over_the_classes():
-    from edge_ssl.adapt_replay import sample_replay
+    from edge_ssl.adapt.replay import sample_replay
 
     images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(3, axis=3)
     labels = np.repeat(np.arange(4), [70, 10, 10, 10])
@@ -121,8 +122,8 @@ def test_sample_replay_spreads_over_the_classes():
 
 
 def _tuned_with_replay(parent, tmp_path):
-    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings, write_tuned
-    from edge_ssl.data import embedded_default
+    from edge_ssl.adapt.tune import TuneConfig, tune_bn_settings, write_tuned
+    from edge_ssl.data.sources import embedded_default
 
     config = TuneConfig(corruptions=("gaussian_noise",), depths=(0.5,), priors=(0.5,), probe_images=200,
                         bank_images=600, replay_images=40, device="cpu")
@@ -131,9 +132,9 @@ def _tuned_with_replay(parent, tmp_path):
 
 
 def test_adapt_tune_ships_replay_images_from_outside_the_probe_and_adapt_uses_them(parent, tmp_path):
-    from edge_ssl.adapt_replay import REPLAY_FILE, load_replay
-    from edge_ssl.adapt_tune import adapt_config_for, probe_split
-    from edge_ssl.data import embedded_default
+    from edge_ssl.adapt.replay import REPLAY_FILE, load_replay
+    from edge_ssl.adapt.tune import adapt_config_for, probe_split
+    from edge_ssl.data.sources import embedded_default
 
     result, bundle = _tuned_with_replay(parent, tmp_path)
     replay = load_replay(bundle)
@@ -158,7 +159,7 @@ def test_adapt_tune_ships_replay_images_from_outside_the_probe_and_adapt_uses_th
 
 
 def test_a_broken_replay_file_is_a_clear_error_and_writes_nothing(parent, tmp_path):
-    from edge_ssl.adapt_replay import REPLAY_FILE, load_replay
+    from edge_ssl.adapt.replay import REPLAY_FILE, load_replay
     from edge_ssl.bundle import BundleWriter
     from edge_ssl.errors import BundleError
 
@@ -195,8 +196,8 @@ def test_cli_takes_replay_data_on_the_host_and_refuses_it_for_device_training(pa
 
 
 def test_adapt_tune_caps_the_replay_images_by_size(parent):
-    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings
-    from edge_ssl.data import embedded_default
+    from edge_ssl.adapt.tune import TuneConfig, tune_bn_settings
+    from edge_ssl.data.sources import embedded_default
 
     digits = embedded_default()
     small = {"corruptions": ("gaussian_noise",), "depths": (0.5,), "priors": (0.5,), "probe_images": 200,

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edge_ssl.adapt import adapt
-from edge_ssl.adapt_bn import blend_bn_statistics, bn_statistics, reestimate_bn_stats
-from edge_ssl.adapt_replay import REPLAY_FILE
-from edge_ssl.adapt_step import iterate_batches
-from edge_ssl.adapt_tune import (
+from edge_ssl.adapt.api import adapt
+from edge_ssl.adapt.bn import blend_bn_statistics, bn_statistics, reestimate_bn_stats
+from edge_ssl.adapt.replay import REPLAY_FILE
+from edge_ssl.adapt.step import iterate_batches
+from edge_ssl.adapt.tune import (
     SETTINGS_FILE,
     STEP_FIELDS,
     TuneConfig,
@@ -26,7 +26,7 @@ from edge_ssl.adapt_tune import (
 )
 from edge_ssl.bundle import Bundle, BundleWriter, write_encoder_bundle
 from edge_ssl.cli import app
-from edge_ssl.data import ImageDataset, embedded_default
+from edge_ssl.data.sources import ImageDataset, embedded_default
 from edge_ssl.errors import BundleError, ConfigError, DataError
 from edge_ssl.models import create_encoder
 

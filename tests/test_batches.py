@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_ssl.batches import BatchSource, InMemoryBatches, as_batch_source
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.batches import BatchSource, InMemoryBatches, as_batch_source
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError
 
 

@@ -47,7 +47,7 @@ def test_ratios_of_shifts_under_the_noise_floor_stay_out_of_the_significant_mean
 def test_default_corruptions_are_the_contracts_five_and_cifar10c_names_the_twelve():
     from adapt import parse_args
 
-    from edge_ssl.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS
+    from edge_ssl.data.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS
 
     assert parse_args([]).corruptions == list(BENCHMARK_CORRUPTIONS)
     assert parse_args(["--corruptions", "cifar10c", "saturate"]).corruptions == [*CIFAR10C_CORRUPTIONS, "saturate"]
@@ -58,7 +58,7 @@ def test_default_corruptions_are_the_contracts_five_and_cifar10c_names_the_twelv
 def test_validation_names_held_out_corruptions_that_no_benchmark_set_contains():
     from adapt import parse_args
 
-    from edge_ssl.corruptions import CIFAR10C_CORRUPTIONS, VALIDATION_CORRUPTIONS
+    from edge_ssl.data.corruptions import CIFAR10C_CORRUPTIONS, VALIDATION_CORRUPTIONS
 
     chosen = parse_args(["--corruptions", "validation", "speckle_noise"]).corruptions
     assert chosen == list(VALIDATION_CORRUPTIONS)  # expanded once, no repeats

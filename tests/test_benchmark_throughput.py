@@ -16,8 +16,8 @@ sys.path.append(str(PROJECT_ROOT / "benchmarks"))
 from legacy_views import KorniaViewAugment  # noqa: E402
 from pretrain_throughput import main  # noqa: E402
 
+from edge_ssl.data.views import ViewAugment, view_preset  # noqa: E402
 from edge_ssl.models import create_encoder  # noqa: E402
-from edge_ssl.views import ViewAugment, view_preset  # noqa: E402
 
 
 def test_cpu_run_reports_every_setting_against_the_old_default(tmp_path):

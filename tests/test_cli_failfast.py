@@ -36,8 +36,8 @@ def labeled_npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, labeled_npz):
-    from edge_ssl.data import load_images
-    from edge_ssl.pretrain import PretrainConfig, pretrain
+    from edge_ssl.data.sources import load_images
+    from edge_ssl.train.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("b") / "t.edge"
     config = PretrainConfig(method="simclr", arch_kwargs={"width": 0.125}, batch_size=8, epochs=1,
@@ -131,7 +131,7 @@ def test_eval_results_flag_chooses_the_file_and_is_checked_first(bundle, labeled
 
 @pytest.mark.parametrize("has_checkpoint", [True, False])
 def test_ctrl_c_says_it_was_interrupted_and_how_to_resume(tmp_path, labeled_npz, capsys, monkeypatch, has_checkpoint):
-    import edge_ssl.pretrain as pretrain_module
+    import edge_ssl.train.pretrain as pretrain_module
 
     out = tmp_path / "t.edge"
 

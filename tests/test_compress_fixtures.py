@@ -19,7 +19,7 @@ def tiny_images(count: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def tiny_dataset(count: int = 32, seed: int = 0, labeled: bool = False):
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.data.sources import ImageDataset
 
     labels = np.arange(count) % 4 if labeled else None
     names = tuple("abcd") if labeled else None

@@ -34,7 +34,7 @@ bench_seconds: 0.05
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from edge_ssl.data import load_images
+    from edge_ssl.data.sources import load_images
 
     root = tmp_path_factory.mktemp("resume")
     teacher = write_tiny_bundle(root / "teacher.edge")

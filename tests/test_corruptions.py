@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_ssl.corruptions import CORRUPTIONS, corrupt
+from edge_ssl.data.corruptions import CORRUPTIONS, corrupt
 from edge_ssl.errors import ConfigError, DataError
 
 
@@ -60,7 +60,7 @@ def test_bad_input_is_named():
 
 
 def test_the_contract_five_and_the_cifar10c_set_are_implemented():
-    from edge_ssl.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS
+    from edge_ssl.data.corruptions import BENCHMARK_CORRUPTIONS, CIFAR10C_CORRUPTIONS
 
     assert set(BENCHMARK_CORRUPTIONS) <= set(CIFAR10C_CORRUPTIONS) <= set(CORRUPTIONS)
     assert len(CIFAR10C_CORRUPTIONS) == 12
@@ -97,7 +97,7 @@ def test_pixelate_makes_blocks_and_keeps_the_colours():
 def test_fog_and_saturate_change_tone_not_layout(images):
     fog = corrupt(images, "fog", 5).astype(np.float64)
     assert fog.std() < images.std()  # a haze: contrast drops
-    from edge_ssl.corruptions import _rgb_to_hsv
+    from edge_ssl.data.corruptions import _rgb_to_hsv
 
     saturation = _rgb_to_hsv(images / 255.0)[..., 1]
     assert _rgb_to_hsv(corrupt(images, "saturate", 5) / 255.0)[..., 1].mean() > saturation.mean() + 0.2
@@ -114,7 +114,7 @@ def test_elastic_transform_moves_pixels_smoothly():
 
 
 def test_hsv_round_trip_is_exact():
-    from edge_ssl.corruptions import _hsv_to_rgb, _rgb_to_hsv
+    from edge_ssl.data.corruptions import _hsv_to_rgb, _rgb_to_hsv
 
     x = np.random.default_rng(0).random((4, 8, 8, 3))
     np.testing.assert_allclose(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-12)
@@ -124,7 +124,7 @@ def test_filters_match_the_scipy_calls_of_the_reference_code():
     """make_cifar_c.py uses skimage's gaussian (scipy 'nearest'), scipy zoom (order 1) and
     map_coordinates (order 1, 'reflect'); OpenCV's warpAffine reflects about the edge pixels."""
     ndimage = pytest.importorskip("scipy.ndimage", reason="scipy is only the reference here")
-    from edge_ssl.corruptions import _gaussian_filter, _sample_bilinear, _zoom_bilinear
+    from edge_ssl.data.corruptions import _gaussian_filter, _sample_bilinear, _zoom_bilinear
 
     rng = np.random.default_rng(0)
     x = rng.random((2, 32, 32, 3))

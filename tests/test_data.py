@@ -1,4 +1,4 @@
-"""Tests for edge_ssl.data: every source format, the embedded default, splits and bad inputs."""
+"""Tests for edge_ssl.data.sources: every source format, the embedded default, splits and bad inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_ssl.data import (
+from edge_ssl.data.sources import (
     EMBEDDED_DEFAULT_NAME,
     MIXED_SIZE_DEFAULT,
     ImageDataset,
@@ -397,7 +397,7 @@ def test_image_dataset_validates_and_subsets() -> None:
 
 
 def test_importing_data_does_not_import_torch_or_sklearn() -> None:
-    code = "import sys, edge_ssl.data; print(sorted(m for m in ('torch', 'sklearn', 'kornia') if m in sys.modules))"
+    code = "import sys, edge_ssl.data.sources; print(sorted(m for m in ('torch', 'sklearn', 'kornia') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -65,7 +65,7 @@ def test_unknown_names_list_the_allowed_ones(name):
 
 def test_every_core_path_resolves_through_edge_ssl_device(two_fake_gpus, monkeypatch):
     """pretrain's setup resolves 'auto' to an indexed CUDA device and activates it."""
-    import edge_ssl.pretrain as pretrain_module
+    import edge_ssl.train.pretrain as pretrain_module
 
     seen = []
     monkeypatch.setattr("edge_ssl.device.activate_device", lambda d: seen.append(d))

@@ -134,7 +134,7 @@ def test_cli_predict_records_each_prediction_where_the_report_shows_it(tiny_onnx
 
     from edge_ssl.bundle import read_results
     from edge_ssl.cli import app
-    from edge_ssl.report import collect_report
+    from edge_ssl.report.collect import collect_report
 
     bundle = _tiny_bundle(tiny_onnx, tmp_path)
     shown = {}

@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent(
     import hashlib, os, sys
     import numpy as np
     import torch
-    from edge_ssl.data import ImageDataset
-    from edge_ssl.pretrain import PretrainConfig, pretrain
+    from edge_ssl.data.sources import ImageDataset
+    from edge_ssl.train.pretrain import PretrainConfig, pretrain
 
     out, method = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def test_two_cpu_processes_agree(tmp_path, method):
 def test_without_torchrun_nothing_is_initialised_and_helpers_are_identities():
     import torch
 
-    from edge_ssl.distributed import (
+    from edge_ssl.train.distributed import (
         DistInfo,
         barrier,
         broadcast_buffers,
@@ -87,7 +87,7 @@ def test_one_process_group_joins_and_gathers_with_gradients(tmp_path):
     import torch
     import torch.distributed as dist
 
-    from edge_ssl.distributed import _GatherWithGradient, init_distributed, shutdown
+    from edge_ssl.train.distributed import _GatherWithGradient, init_distributed, shutdown
 
     env = {"WORLD_SIZE": "1"}
     assert not init_distributed("cpu", environ=env).enabled  # size 1: no group at all

@@ -13,7 +13,7 @@ from torch import nn
 
 from edge_ssl import evaluate as ev
 from edge_ssl.config import config_from_dict
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, DataError
 from edge_ssl.evaluate import (
     EvalConfig,

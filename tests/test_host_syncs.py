@@ -19,12 +19,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from edge_ssl import pretrain
-from edge_ssl.distributed import DistInfo
-from edge_ssl.methods import create_method
+from edge_ssl.data.views import ViewAugment, view_preset
 from edge_ssl.models import create_encoder
-from edge_ssl.optim import build_optimizer
-from edge_ssl.views import ViewAugment, view_preset
+from edge_ssl.train import pretrain
+from edge_ssl.train.distributed import DistInfo
+from edge_ssl.train.methods import create_method
+from edge_ssl.train.optim import build_optimizer
 
 DEVICE = torch.device("meta")
 _READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)

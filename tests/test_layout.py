@@ -20,7 +20,7 @@ HEAVY = ("torch", "tensorrt", "neural_compressor", "timm", "kornia")
         ("edge_ssl.compress", "compress"),
         ("edge_ssl.runtime", "runtime"),
         ("edge_ssl.devices", "devices"),
-        ("edge_ssl.methods", "edge_ssl/methods"),
+        ("edge_ssl.train.methods", "edge_ssl/train/methods"),
     ],
 )
 def test_namespace_maps_onto_the_project_folders(module, folder):

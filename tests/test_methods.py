@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from edge_ssl.errors import ConfigError
-from edge_ssl.methods import (
+from edge_ssl.spec import CIFAR_MEAN, CIFAR_STD, EncoderSpec, InputSpec
+from edge_ssl.train.methods import (
     METHODS,
     DINOConfig,
     SimCLRConfig,
@@ -17,14 +18,13 @@ from edge_ssl.methods import (
     create_method,
     method_names,
 )
-from edge_ssl.methods.base import (
+from edge_ssl.train.methods.base import (
     cosine_schedule,
     ema_update,
     encode_grouped,
     mlp_head,
     off_diagonal,
 )
-from edge_ssl.spec import CIFAR_MEAN, CIFAR_STD, EncoderSpec, InputSpec
 
 ALL_METHODS = ["barlow_twins", "byol", "dino", "simclr", "simsiam", "vicreg"]
 MOMENTUM_METHODS = ["byol", "dino"]
@@ -118,7 +118,7 @@ def test_registry_has_every_method():
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_paper_defaults_build_an_optimizer_that_trains_only_the_online_network(name):
     """What `pretrain` does with a method's defaults: one step moves the online weights only."""
-    from edge_ssl.optim import build_optimizer
+    from edge_ssl.train.optim import build_optimizer
 
     torch.manual_seed(0)
     method = create_method(name, TinyEncoder(), **SMALL[name])
@@ -406,7 +406,7 @@ def test_losses_stay_float32_under_autocast(name):
 
 
 def test_loss_arithmetic_ignores_autocast():
-    from edge_ssl.methods import BarlowTwinsLoss, NTXentLoss, VICRegLoss
+    from edge_ssl.train.methods import BarlowTwinsLoss, NTXentLoss, VICRegLoss
 
     generator = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 6, generator=generator), torch.randn(8, 6, generator=generator)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edge_ssl.methods import (
+from edge_ssl.train.methods import (
     BarlowTwinsLoss,
     BYOLLoss,
     DINOLoss,

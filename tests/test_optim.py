@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edge_ssl.errors import ConfigError
-from edge_ssl.optim import LARS, build_optimizer, cosine_with_warmup, scaled_lr
+from edge_ssl.train.optim import LARS, build_optimizer, cosine_with_warmup, scaled_lr
 
 
 def test_cosine_with_warmup_shape():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from edge_ssl.bundle import Bundle
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from edge_ssl.models import load_encoder
-from edge_ssl.pretrain import PretrainConfig, checkpoint_dir, pretrain
+from edge_ssl.train.pretrain import PretrainConfig, checkpoint_dir, pretrain
 
 TINY = {"arch": "resnet18_cifar", "arch_kwargs": {"width": 0.125}, "batch_size": 8, "warmup_epochs": 0.0}
 
@@ -86,7 +86,7 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    import edge_ssl.methods as methods
+    import edge_ssl.train.methods as methods
 
     real_create = methods.create_method
     calls = {"n": 0}
@@ -185,14 +185,14 @@ def test_resume_after_sigkill(tmp_path):
     ],
 )
 def test_autocast_defaults_to_bf16_on_ampere_and_newer(mode, device, capability, expected):
-    from edge_ssl.pretrain import autocast_dtype_name
+    from edge_ssl.train.pretrain import autocast_dtype_name
 
     assert autocast_dtype_name(mode, device, capability) == expected
 
 
 def test_loss_is_read_back_every_log_every_steps_not_every_step(tmp_path, monkeypatch):
     """The GPU path syncs only at read-outs: count them, and check the window means."""
-    import edge_ssl.pretrain as pretrain_module
+    import edge_ssl.train.pretrain as pretrain_module
 
     reads = []
     real = pretrain_module._read_loss
@@ -210,7 +210,7 @@ def test_loss_is_read_back_every_log_every_steps_not_every_step(tmp_path, monkey
 
 
 def test_nan_found_at_a_read_out_names_the_window(tmp_path, monkeypatch):
-    import edge_ssl.methods as methods
+    import edge_ssl.train.methods as methods
 
     real_create = methods.create_method
 
@@ -230,7 +230,7 @@ class _CountingSource:
     """A BatchSource that is not an ImageDataset (as a streaming source would be)."""
 
     def __init__(self):
-        from edge_ssl.batches import InMemoryBatches
+        from edge_ssl.data.batches import InMemoryBatches
 
         self.inner = InMemoryBatches(_data(32))
         self.source, self.num_images, self.epochs = "counting", 32, []
@@ -289,7 +289,7 @@ def test_compile_flag_wraps_the_forward_and_keeps_clean_checkpoints(tmp_path, mo
 
 def test_a_failed_setup_destroys_the_process_group_it_made(tmp_path, monkeypatch):
     """Under torchrun a setup error (here: fewer images than one global batch) must not leak the group."""
-    import edge_ssl.distributed as distributed
+    import edge_ssl.train.distributed as distributed
 
     closed = []
     monkeypatch.setattr(distributed, "init_distributed",

@@ -15,12 +15,13 @@ from edge_ssl.runtime.bench import bench_bundle
 from edge_ssl.bundle import lineage_entry, record_results, write_encoder_bundle
 from edge_ssl.cli import main
 from edge_ssl.errors import ConfigError
-from edge_ssl.report import collect_report, write_report
-from edge_ssl.report_plots import pareto_front
+from edge_ssl.report.collect import collect_report
+from edge_ssl.report.plots import pareto_front
+from edge_ssl.report.write import write_report
 
 
 def _knn(encoder) -> float:
-    from edge_ssl.data import embedded_default
+    from edge_ssl.data.sources import embedded_default
     from edge_ssl.evaluate import embed, knn_top1
 
     train, test = embedded_default("train").subset(range(160)), embedded_default("test").subset(range(60))
@@ -187,7 +188,7 @@ def test_device_measurements_and_predictions_are_read_and_kept_apart():
     """Remote `bench --on` records and `predict` records, in the shapes those commands write."""
     from edge_ssl.devices.predict import Prediction
 
-    from edge_ssl.report import latency_records
+    from edge_ssl.report.collect import latency_records
 
     prediction = Prediction(device="orin-nx-16gb", precision="int8", power_mode=None, batch=1,
                             predicted_ms=1.08, compute_bound_layers=3, memory_bound_layers=2, layers=5,
@@ -239,7 +240,8 @@ def md_stage_table(markdown: str) -> list[dict[str, str]]:
 
 def compress_cells(recorded: dict) -> dict[str, str]:
     """The stage-table cells a compress stage row must be shown as."""
-    from edge_ssl.report import COMPRESS_BACKEND, human_count, percent
+    from edge_ssl.report.collect import COMPRESS_BACKEND
+    from edge_ssl.report.rows import human_count, percent
 
     return {"params": human_count(recorded["params"]), "MACs": human_count(recorded["macs"]),
             "kNN top-1": percent(recorded["knn_top1"]),

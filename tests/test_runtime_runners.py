@@ -6,13 +6,14 @@ import warnings
 
 import numpy as np
 import pytest
-from edge_ssl.runtime import runner as runner_module
+from edge_ssl.runtime import backends as runner_module
+from edge_ssl.runtime.backends import available_backends, open_runner
 from edge_ssl.runtime.compare import compare_outputs, compare_runners
 from edge_ssl.runtime.embed import embed_with_runner
 from edge_ssl.runtime.errors import ProviderFallbackWarning, RunnerError
 from edge_ssl.runtime.export import export_encoder_onnx
 from edge_ssl.runtime.ort import OrtRunner
-from edge_ssl.runtime.runner import BACKENDS, Runner, TensorSpec, available_backends, open_runner
+from edge_ssl.runtime.runner import BACKENDS, Runner, TensorSpec
 from edge_ssl.runtime.torch_runner import GraphCache, TorchRunner
 
 from edge_ssl.bundle import Bundle, lineage_entry, write_encoder_bundle

@@ -15,11 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_ssl.batches import BatchSource, InMemoryBatches
-from edge_ssl.data import load_images
-from edge_ssl.errors import ConfigError, DataError
-from edge_ssl.shards import build_index, estimate_decoded_bytes
-from edge_ssl.streaming import (
+from edge_ssl.data.batches import BatchSource, InMemoryBatches
+from edge_ssl.data.shards import build_index, estimate_decoded_bytes
+from edge_ssl.data.sources import load_images
+from edge_ssl.data.streaming import (
     StreamingSource,
     _streaming_plan,
     choose_source,
@@ -29,6 +28,7 @@ from edge_ssl.streaming import (
     sample_rng,
     stream_eval_sources,
 )
+from edge_ssl.errors import ConfigError, DataError
 from tests.conftest import PROJECT_ROOT
 
 
@@ -102,7 +102,7 @@ def test_ranks_read_disjoint_shares_fixed_by_epoch_and_seed(tmp_path: Path) -> N
 
 
 def test_ranks_that_list_different_data_are_refused(tmp_path: Path, monkeypatch) -> None:
-    import edge_ssl.distributed as distributed
+    import edge_ssl.train.distributed as distributed
 
     for i in range(8):
         Image.fromarray(_solid(i)).save(tmp_path / f"{i}.png")
@@ -163,7 +163,7 @@ def test_gpu_decode_path_replaces_a_jpeg_no_decoder_reads(tmp_path: Path, caplog
     good = (tmp_path / "2.jpg").read_bytes()
     (tmp_path / "2.jpg").write_bytes(good[:300] + b"\x00" * 50)  # header intact, scan data broken
     source = StreamingSource(tmp_path, 8, workers=0, decode_device="cuda")
-    with caplog.at_level(logging.WARNING, logger="edge_ssl.streaming"):
+    with caplog.at_level(logging.WARNING, logger="edge_ssl.data.streaming"):
         (batch,) = source.epoch_batches(0, 4, rank=0, world_size=1, seed=0, device="cpu")
     assert batch.shape == (4, 3, 8, 8) and len(set(_decoded_ids(batch))) == 3
     assert str(tmp_path / "2.jpg") in source.skipped and "2.jpg (corrupt image" in caplog.text
@@ -233,7 +233,7 @@ def test_a_corrupt_image_is_named_and_replaced_while_streaming(tmp_path: Path, c
         Image.fromarray(_solid(i)).save(tmp_path / f"{i}.png")
     (tmp_path / "3.png").write_bytes(b"\x89PNG garbage")
     source = StreamingSource(tmp_path, 8, workers=0)
-    with caplog.at_level(logging.WARNING, logger="edge_ssl.streaming"):
+    with caplog.at_level(logging.WARNING, logger="edge_ssl.data.streaming"):
         ids = [i for b in source.epoch_batches(0, 4, rank=0, world_size=1, seed=0, device="cpu")
                for i in _decoded_ids(b)]
     assert len(ids) == 8 and 3 not in ids and ids.count(4) == 2  # 3.png -> the next sample, 4.png
@@ -267,7 +267,7 @@ def test_choose_source_picks_by_format_size_and_flag(tmp_path: Path) -> None:
 
 
 def test_streaming_modules_import_without_torch() -> None:
-    code = "import sys, edge_ssl.streaming, edge_ssl.shards; print('torch' in sys.modules)"
+    code = "import sys, edge_ssl.data.streaming, edge_ssl.data.shards; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -310,7 +310,7 @@ def test_streamed_eval_sees_what_the_in_memory_path_sees(tmp_path: Path, tiny_sp
 
 
 def _train_mask(dataset) -> np.ndarray:
-    from edge_ssl.data import split_mask
+    from edge_ssl.data.sources import split_mask
 
     return ~split_mask(len(dataset), dataset.labels, 0.2, 0)
 
@@ -321,7 +321,7 @@ _MEMORY_PROBE = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-from edge_ssl import streaming
+from edge_ssl.data import streaming
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -131,7 +131,7 @@ def real_images(count: int) -> np.ndarray:
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             return np.asarray(data["x"][:count], dtype=np.uint8)
-    from edge_ssl.data import embedded_default
+    from edge_ssl.data.sources import embedded_default
 
     return embedded_default("all").images[:count]
 
@@ -277,8 +277,8 @@ def user_paths(tmp_path_factory):
 
 def stage_embeddings(bundle: Path, images: np.ndarray) -> np.ndarray:
     """The bundle's embeddings of real images through the runtime a user would deploy with."""
+    from edge_ssl.runtime.backends import open_runner
     from edge_ssl.runtime.preprocess import preprocess_images
-    from edge_ssl.runtime.runner import open_runner
 
     from edge_ssl.bundle import Bundle
 
@@ -305,7 +305,7 @@ def check_healthy(walk: Walk) -> None:
 def check_report_shows_what_was_recorded(walk: Walk) -> None:
     """Params and MACs from each manifest, p50/p90 from bench, ms from predict: as printed."""
     from edge_ssl.bundle import Bundle
-    from edge_ssl.report import human_count
+    from edge_ssl.report.rows import human_count
 
     report = walk.printed["report"]
     table = md_stage_table(report)

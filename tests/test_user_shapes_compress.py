@@ -19,7 +19,7 @@ _PRUNE_WITH_RECOVERY = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from edge_ssl.compress.prune import PruneConfig, prune_encoder
-    from edge_ssl.data import ImageDataset
+    from edge_ssl.data.sources import ImageDataset
     from edge_ssl.models import create_encoder
     from edge_ssl.tensors import images_to_tensor, normalize
 

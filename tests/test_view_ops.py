@@ -1,4 +1,4 @@
-"""edge_ssl.view_ops: each batched op equals torchvision's per-image function, sample by sample."""
+"""edge_ssl.data.view_ops: each batched op equals torchvision's per-image function, sample by sample."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from edge_ssl import view_ops
+from edge_ssl.data import view_ops
 
 IMAGES = torch.rand(6, 3, 20, 24, generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""Tests for edge_ssl.views: presets, view shapes, normalization, randomness and reproducibility."""
+"""Tests for edge_ssl.data.views: presets, view shapes, normalization, randomness and reproducibility."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_ssl.data import load_images
+from edge_ssl.data.sources import load_images
+from edge_ssl.data.views import VIEW_PRESETS, ViewAugment, ViewConfig, view_preset
 from edge_ssl.errors import ConfigError, DataError
 from edge_ssl.spec import CIFAR_MEAN, CIFAR_STD, InputSpec
 from edge_ssl.tensors import images_to_tensor
-from edge_ssl.views import VIEW_PRESETS, ViewAugment, ViewConfig, view_preset
 
 REAL_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
 SPEC32 = InputSpec((3, 32, 32), CIFAR_MEAN, CIFAR_STD)

@@ -17,46 +17,56 @@ from edge_ssl.commands.common import (
     stderr_console,
 )
 
+OnOpt = Annotated[str | None, typer.Option(help="Device (local or ssh://user@host) to adapt on and deploy to; its "
+                                           "profile sets the default budget. Staged, verified, rollback kept.")]
+TrainOnOpt = Annotated[str, typer.Option(help="With --on: 'device' trains on the device on its own images "
+                                          "(--data is a path there; needs edge-ssl + torch on it), 'host' "
+                                          "trains here on local images and deploys the result.")]
+DevicePythonOpt = Annotated[str | None, typer.Option(
+        help="--train-on device: the device's Python with torch and edge-ssl (default: the "
+        "agent's, EDGE_SSL_DEVICE_PYTHON or python3).")]
+BudgetOpt = Annotated[float | None, typer.Option(help="Memory for one step in MiB (default: 25% of the "
+                                                    "profile's memory, else 50% of free memory).")]
+LrOpt = Annotated[float | None, typer.Option(help="Learning rate (default 1e-3 with AdamW; lower it if the "
+                                             "guard stops the run).")]
+ReplayDataOpt = Annotated[Path | None, typer.Option(
+        help="Clean images for replay_weight (default: the bundle's adapt_replay.npz from adapt-tune). "
+        "Host runs only.")]
+DeviceTimeoutOpt = Annotated[float, typer.Option(help="--train-on device: seconds the run may take.")]
+AdaptOpt = Annotated[list[str] | None, typer.Option(help="Any AdaptConfig KEY=VALUE, e.g. bn_prior=0.2 (repeatable).")]
+ExportOpt = Annotated[str, typer.Option(help="Re-export model.onnx: auto (when the input had one), always, never.")]
+
 
 @app.command()
 def adapt(
     bundle: Annotated[Path, typer.Argument(help="The deployed bundle (float, or quantized with its float parent on disk).")],
     out: Annotated[Path, typer.Option(help="Adapted bundle to write, e.g. adapted.edge.")],
     data: DataOpt = None,
-    on: Annotated[str | None, typer.Option(help="Device (local or ssh://user@host) to adapt on and deploy to; its "
-                                           "profile sets the default budget. Staged, verified, rollback kept.")] = None,
-    train_on: Annotated[str, typer.Option(help="With --on: 'device' trains on the device on its own images "
-                                          "(--data is a path there; needs edge-ssl + torch on it), 'host' "
-                                          "trains here on local images and deploys the result.")] = "device",
-    device_python: Annotated[str | None, typer.Option(
-        help="--train-on device: the device's Python with torch and edge-ssl (default: the "
-        "agent's, EDGE_SSL_DEVICE_PYTHON or python3).")] = None,
-    device_timeout: Annotated[float, typer.Option(help="--train-on device: seconds the run may take.")] = 6 * 3600.0,
+    on: OnOpt = None,
+    train_on: TrainOnOpt = "device",
+    device_python: DevicePythonOpt = None,
+    device_timeout: DeviceTimeoutOpt = 6 * 3600.0,
     profile: Annotated[str | None, typer.Option(help="Device profile for the default budget (e.g. orin-nano-8gb).")] = None,
-    budget_mb: Annotated[float | None, typer.Option(help="Memory for one step in MiB (default: 25% of the "
-                                                    "profile's memory, else 50% of free memory).")] = None,
+    budget_mb: BudgetOpt = None,
     steps: Annotated[int, typer.Option(help="Gradient steps (20-100 is typical on device).")] = 30,
     trainable: Annotated[str, typer.Option(help="auto, bn-stats, bias, norm, lora, last-stage or full.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Largest batch; shrunk to fit the budget.")] = 32,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-3 with AdamW; lower it if the "
-                                             "guard stops the run).")] = None,
+    lr: LrOpt = None,
     method: Annotated[str, typer.Option(help="SSL loss: simsiam or byol.")] = "simsiam",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    opt: Annotated[list[str] | None, typer.Option(help="Any AdaptConfig KEY=VALUE, e.g. bn_prior=0.2 (repeatable).")] = None,
-    export: Annotated[str, typer.Option(help="Re-export model.onnx: auto (when the input had one), always, never.")] = "auto",
+    opt: AdaptOpt = None,
+    export: ExportOpt = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
-    replay_data: Annotated[Path | None, typer.Option(
-        help="Clean images for replay_weight (default: the bundle's adapt_replay.npz from adapt-tune). "
-        "Host runs only.")] = None,
+    replay_data: ReplayDataOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt/ after a stop or power cut.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
     accept_new_host: Annotated[bool, typer.Option("--accept-new-host", help="With --on: record an unknown host key on first use (a CHANGED key is always refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Adapt an encoder on unlabeled local images: AdaBN, then guarded SSL + distillation steps."""
-    from edge_ssl.adapt import AdaptConfig
-    from edge_ssl.adapt import adapt as run_adapt
-    from edge_ssl.data import load_images
+    from edge_ssl.adapt.api import AdaptConfig
+    from edge_ssl.adapt.api import adapt as run_adapt
+    from edge_ssl.data.sources import load_images
 
     settings = {"trainable": trainable, "steps": steps, "batch_size": batch_size, "budget_mb": budget_mb,
                 "method": method, "device": device, **({"lr": lr} if lr is not None else {}),
@@ -66,23 +76,19 @@ def adapt(
         raise typer.BadParameter(f"--train-on must be device or host; got {train_on!r}.")
     target = _open_target(on, accept_new_host) if on else None
     if target is not None and train_on == "device":
-        if not data:
-            raise typer.BadParameter("--train-on device needs --data: the images' path on the device.")
-        if replay_data is not None:
-            raise typer.BadParameter("--replay-data is for host runs; on the device the bundle's own replay "
-                                     "images are used (edge-ssl adapt-tune ships them in adapt_replay.npz).")
+        _check_device_run(data, replay_data)
         _adapt_on_device(bundle, target, out, list(data), profile, device_python, device_timeout,
                          _pass_through(settings, opt, limit), resume=resume, overwrite=overwrite,
                          as_json=as_json)
         return
-    memory_gb = _profile_memory_gb(profile, target)
     config = _with_bundle_settings(bundle, settings, config)
     dataset = load_images(data_source(data), limit=limit)
     replay = load_images(str(replay_data)).images if replay_data is not None else None
     console = stderr_console()
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
     result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
-                       profile_memory_gb=memory_gb, export="always" if target and export == "auto" else export,
+                       profile_memory_gb=_profile_memory_gb(profile, target),
+                       export="always" if target and export == "auto" else export,
                        progress=_printer(console, as_json), replay=replay)
     report = result.to_dict()
     if target is not None:
@@ -93,11 +99,19 @@ def adapt(
     _summary(console, result, report.get("deploy"))
 
 
+def _check_device_run(data: Any, replay_data: Path | None) -> None:
+    if not data:
+        raise typer.BadParameter("--train-on device needs --data: the images' path on the device.")
+    if replay_data is not None:
+        raise typer.BadParameter("--replay-data is for host runs; on the device the bundle's own replay "
+                                 "images are used (edge-ssl adapt-tune ships them in adapt_replay.npz).")
+
+
 def _with_bundle_settings(bundle: Path, settings: dict[str, Any], config: Any) -> Any:
     """``config`` with the BN settings ``edge-ssl adapt-tune`` recorded in the bundle (the
     explicit settings win); a bundle that cannot be opened keeps ``config`` and fails later
     with adaptation's own message."""
-    from edge_ssl.adapt_tune import adapt_config_for
+    from edge_ssl.adapt.tune import adapt_config_for
     from edge_ssl.bundle import Bundle
     from edge_ssl.errors import BundleError
 
@@ -207,7 +221,7 @@ def _profile_memory_gb(profile: str | None, target: Any) -> float | None:
 
 def _deploy(adapted: Path, target: Any, parent: Path, profile: str | None) -> dict[str, Any]:
     """Deploy under the parent's deployment name: `current` switches, the parent stays for rollback."""
-    from edge_ssl.adapt import deployment_name
+    from edge_ssl.adapt.inputs import deployment_name
     from edge_ssl.bundle import Bundle
     from edge_ssl.devices.deploy import DeployOptions, deploy
 

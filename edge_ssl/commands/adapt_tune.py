@@ -41,9 +41,9 @@ def adapt_tune(
     """Pick bn_depth and bn_prior for `edge-ssl adapt` from labeled clean images: AdaBN alone on
     synthetic shifts, the most recovery within the clean budget; ship clean replay images with
     the replay step settings; `adapt` then uses them."""
-    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings, write_tuned
+    from edge_ssl.adapt.tune import TuneConfig, tune_bn_settings, write_tuned
     from edge_ssl.bundle import Bundle, check_bundle_out
-    from edge_ssl.data import load_images
+    from edge_ssl.data.sources import load_images
     from edge_ssl.lineage import require_float_weights
     from edge_ssl.models import load_encoder
 

@@ -34,7 +34,7 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing OUT.")]
 def _images_for(bundle: Path, data: list[str] | None, limit: int | None) -> Any:
     """Unlabeled images at the bundle's input size (resized when the source differs)."""
     from edge_ssl.bundle import Bundle
-    from edge_ssl.data import load_images
+    from edge_ssl.data.sources import load_images
 
     size = Bundle.open(bundle, verify=False).manifest.input.shape[1]
     return load_images(data_source(data), split="train", image_size=size, limit=limit)
@@ -45,7 +45,7 @@ def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None, *, bundl
     """Labeled bank and queries for kNN, at ``bundle``'s input size when given."""
     from edge_ssl.bundle import Bundle
     from edge_ssl.compress.measure import KnnData
-    from edge_ssl.data import load_images
+    from edge_ssl.data.sources import load_images
     from edge_ssl.errors import ConfigError
 
     if not eval_data and not eval_test:

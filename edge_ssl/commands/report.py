@@ -22,7 +22,7 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-stage table, lineage graph, accuracy-latency Pareto chart, latency distributions, environments."""
-    from edge_ssl.report import write_report
+    from edge_ssl.report.write import write_report
 
     written = write_report(bundles, out, markdown=md, title=title or None, overwrite=overwrite)
     if as_json:

@@ -196,7 +196,7 @@ def _print_bench(report: Any) -> None:
 @app.command()
 def backends(as_json: JsonOpt = False) -> None:
     """Which runtime backends work here, in the order `--backend auto` tries them, and why others do not."""
-    from edge_ssl.runtime.runner import available_backends
+    from edge_ssl.runtime.backends import available_backends
 
     found = available_backends()
     if as_json:

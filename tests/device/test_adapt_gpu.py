@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_ssl.adapt import AdaptConfig, adapt
-from edge_ssl.adapt_plan import measure_configuration
+from edge_ssl.adapt.api import AdaptConfig, adapt
+from edge_ssl.adapt.plan import measure_configuration
 from edge_ssl.bundle import write_encoder_bundle
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.models import create_encoder
 
 pytestmark = pytest.mark.gpu
@@ -48,8 +48,8 @@ def test_cuda_adaptation_writes_a_bundle_and_records_measured_peak(tmp_path, ali
 
 def test_cuda_tuning_matches_the_cpu_choice_grid():
     """adapt-tune on CUDA scores the same grid as on CPU, to within kNN ties (forward passes only)."""
-    from edge_ssl.adapt_tune import TuneConfig, tune_bn_settings
-    from edge_ssl.data import embedded_default
+    from edge_ssl.adapt.tune import TuneConfig, tune_bn_settings
+    from edge_ssl.data.sources import embedded_default
 
     encoder = create_encoder("resnet18_cifar", width=0.25)
     small = {"corruptions": ("gaussian_noise",), "depths": (0.5, 1.0), "priors": (0.5, 0.9),

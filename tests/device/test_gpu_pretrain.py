@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edge_ssl.bundle import Bundle
-from edge_ssl.data import ImageDataset
+from edge_ssl.data.sources import ImageDataset
 from edge_ssl.models import load_encoder
-from edge_ssl.pretrain import PretrainConfig, pretrain
+from edge_ssl.train.pretrain import PretrainConfig, pretrain
 from tests.conftest import COSINE_MIN
 
 pytestmark = pytest.mark.gpu
@@ -63,7 +63,7 @@ def test_cli_pretrain_with_default_flags(tmp_path, capsys):
 
 def test_auto_precision_is_bf16_on_ampere_and_newer():
     from edge_ssl.device import resolve_device
-    from edge_ssl.pretrain import amp_dtype
+    from edge_ssl.train.pretrain import amp_dtype
 
     device = resolve_device("cuda")
     expected = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -83,7 +83,7 @@ def test_fast_paths_learn_the_same_as_the_plain_loop(tmp_path, knobs):
 def test_training_step_never_syncs_with_the_host(tmp_path, monkeypatch, method):
     """CUDA's own check (torch.cuda.set_sync_debug_mode) around every step after the first
     (the first creates cuBLAS/cuDNN handles); the CPU version is tests/test_host_syncs.py."""
-    import edge_ssl.pretrain as pretrain_module
+    import edge_ssl.train.pretrain as pretrain_module
 
     real, calls = pretrain_module._train_step, []
 

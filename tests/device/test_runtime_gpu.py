@@ -9,12 +9,12 @@ import importlib.util
 
 import numpy as np
 import pytest
+from edge_ssl.runtime.backends import available_backends, open_runner
 from edge_ssl.runtime.compare import compare_runners
 from edge_ssl.runtime.embed import embed_with_runner, sample_images
 from edge_ssl.runtime.errors import EngineError
 from edge_ssl.runtime.export import export_bundle
 from edge_ssl.runtime.ort import OrtRunner
-from edge_ssl.runtime.runner import available_backends, open_runner
 from edge_ssl.runtime.torch_runner import TorchRunner
 
 from edge_ssl.bundle import Bundle, lineage_entry, write_encoder_bundle

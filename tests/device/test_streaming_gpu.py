@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_ssl.pretrain import PretrainConfig, pretrain
-from edge_ssl.streaming import StreamingSource
+from edge_ssl.data.streaming import StreamingSource
+from edge_ssl.train.pretrain import PretrainConfig, pretrain
 from tests.test_streaming import _class_folder
 
 pytestmark = pytest.mark.gpu

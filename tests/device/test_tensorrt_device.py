@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
+from edge_ssl.runtime.backends import open_runner
 from edge_ssl.runtime.embed import embed_with_runner, sample_images
 from edge_ssl.runtime.export import export_bundle
 from edge_ssl.runtime.ort import OrtRunner
-from edge_ssl.runtime.runner import open_runner
 
 from edge_ssl.bundle import Bundle, lineage_entry, write_encoder_bundle
 from tests.conftest import COSINE_MIN

@@ -1,0 +1,1 @@
+"""On-device adaptation: plan, step, BN statistics, LoRA, replay, guard, tune, run."""

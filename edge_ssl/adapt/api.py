@@ -1,0 +1,54 @@
+"""On-device adaptation: a deployed encoder keeps learning from unlabeled local images, within a memory budget."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edge_ssl.adapt.config import AdaptConfig
+from edge_ssl.adapt.inputs import AdaptEvent, AdaptResult, check_inputs, check_replay
+from edge_ssl.adapt.run import run_adaptation
+from edge_ssl.bundle import Bundle
+from edge_ssl.data.sources import ImageDataset
+from edge_ssl.errors import BundleError
+
+__all__ = ["AdaptConfig", "AdaptEvent", "AdaptResult", "adapt"]
+
+
+def adapt(
+    bundle: Bundle | str | os.PathLike,
+    data: ImageDataset,
+    out: str | os.PathLike,
+    config: AdaptConfig = AdaptConfig(),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    profile_memory_gb: float | None = None,
+    export: str = "auto",
+    progress: Callable[[AdaptEvent], None] | None = None,
+    replay: np.ndarray | None = None,
+) -> AdaptResult:
+    """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
+
+    AdaBN statistics first, then ``config.steps`` SSL + distillation steps on the subset
+    the memory budget allows, guarded against collapse and drift; the bundle is written
+    atomically at the end (an interrupted run leaves only ``OUT.ckpt/``, for ``--resume``).
+    ``export``: 'auto' re-exports ONNX (and refits TensorRT engines) when the input bundle
+    had them, 'always', or 'never'. ``replay``: clean uint8 (N, H, W, 3) images for the
+    ``replay_weight`` term (never the local images); by default the bundle's own
+    (``adapt_replay.npz``, written by ``edge-ssl adapt-tune``). ``config`` is used as given: build it with
+    ``edge_ssl.adapt.tune.adapt_config_for`` to start from the BN settings that
+    ``edge-ssl adapt-tune`` recorded in the bundle, as the CLI does.
+    """
+    deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
+    if export not in ("auto", "always", "never"):
+        raise BundleError(f"export must be auto, always or never; got {export!r}.")
+    replay = check_replay(replay, config, deployed, weights)
+    return run_adaptation(
+        deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
+        profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
+        replay=replay,
+    )

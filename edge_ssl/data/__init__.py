@@ -1,0 +1,1 @@
+"""Images in and out: sources, streaming, shards, batches, views, corruptions."""

@@ -1,0 +1,1 @@
+"""The report: collect rows from bundles, render HTML/Markdown and charts."""

@@ -1,0 +1,1 @@
+"""SSL pretraining: the loop, the methods, optimizers and process groups."""
