@@ -17,9 +17,10 @@ from edge_ssl.compress.distill_config import (
 from edge_ssl.bundle import Bundle
 from edge_ssl.config import config_to_dict
 from edge_ssl.data.sources import ImageDataset
-from edge_ssl.errors import ConfigError, DataError
+from edge_ssl.errors import DataError
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
+from edge_ssl.outputs import check_bundle_out
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -64,8 +65,7 @@ def distill(
     rank trains its shard and rank 0 writes the bundle.
     """
     out = Path(out)
-    if out.exists() and not (overwrite or resume):
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_bundle_out(out, overwrite=overwrite or resume)
     teacher_bundle, teacher_encoder = load_teacher(teacher)
     student, init = _new_student(config, teacher_encoder, data)
     result = train_student(

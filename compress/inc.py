@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from edge_ssl.lazy import require
 
 
@@ -74,9 +72,8 @@ def quantize_inc(encoder: Any, reader: Any, *, tolerable_loss: float = 0.01) -> 
 
 def _cosines(model: Any, batches: list[Any], reference: Any) -> tuple[float, float]:
     import torch
-    import torch.nn.functional as F
+    from edge_ssl.compress.quantize import cosine_stats
 
     with torch.no_grad():
         out = torch.cat([model(b) for b in batches]).float()
-    cos = F.cosine_similarity(out, reference, dim=1).numpy()
-    return float(np.mean(cos)), float(np.min(cos))
+    return cosine_stats(reference.numpy(), out.numpy())

@@ -17,6 +17,7 @@ from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, EdgeSSLError
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
+from edge_ssl.outputs import check_bundle_out
 from edge_ssl.spec import EncoderSpec
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
@@ -397,8 +398,7 @@ def prune(
     from edge_ssl.models import load_encoder
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_bundle_out(out, overwrite=overwrite)
     parent = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=True)
     source = require_float_weights(parent, "prune")
     encoder = load_encoder(source)

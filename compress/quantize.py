@@ -16,6 +16,7 @@ from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
 from edge_ssl.lineage import require_float_weights
+from edge_ssl.outputs import check_bundle_out
 
 PRECISIONS = ("int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -215,9 +216,9 @@ def onnx_embed(onnx_path: Path, images: np.ndarray, input_spec: Any) -> np.ndarr
 
 def cosine_stats(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     """(mean, min) row-wise cosine similarity."""
-    a = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    b = other / np.maximum(np.linalg.norm(other, axis=1, keepdims=True), 1e-12)
-    cos = np.sum(a * b, axis=1)
+    from edge_ssl.runtime.compare import row_cosines
+
+    cos = row_cosines(reference, other)
     return float(cos.mean()), float(cos.min())
 
 
@@ -383,8 +384,7 @@ def quantize(
     from edge_ssl.models import load_encoder
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_bundle_out(out, overwrite=overwrite)
     parent = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=True)
     source = require_float_weights(parent, "quantize")
     encoder = load_encoder(source)

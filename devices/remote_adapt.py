@@ -40,10 +40,10 @@ from edge_ssl.adapt.inputs import deployment_name
 from edge_ssl.bundle import (
     WEIGHTS_NAME,
     Bundle,
-    check_bundle_out,
     unpack_bundle,
 )
 from edge_ssl.lineage import require_float_weights
+from edge_ssl.outputs import check_bundle_out
 
 #: Printed by the device's Python: proves it can run adaptation and says with what.
 PROBE = ("import json, sys, torch, edge_ssl; print(json.dumps({'python': sys.version.split()[0], "

@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_ssl.environment import describe_environment
 from edge_ssl.errors import BundleError, BundleIntegrityError
+from edge_ssl.outputs import check_bundle_out
 from edge_ssl.spec import EncoderSpec, InputSpec
 
 SCHEMA_VERSION = 1
@@ -251,14 +252,6 @@ class Bundle:
     def child_lineage(self, stage: str, settings: Mapping[str, Any]) -> tuple[LineageEntry, ...]:
         """This bundle's lineage plus an entry for a stage that derives a new bundle from it."""
         return (*self.manifest.lineage, lineage_entry(stage, settings, parent=self))
-
-
-def check_bundle_out(out: Path, *, overwrite: bool) -> None:
-    """BundleError unless a bundle may be written at ``out``: absent, or a bundle and ``overwrite``."""
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
-    if out.exists() and not (out / MANIFEST_NAME).is_file():
-        raise BundleError(f"{out} exists and is not a bundle; refusing to replace it.")
 
 
 class BundleWriter:

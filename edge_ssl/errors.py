@@ -36,3 +36,7 @@ class CheckpointError(EdgeSSLError, ValueError):
 
 class TrainingError(EdgeSSLError, RuntimeError):
     """Training cannot go on (for example the loss became NaN or inf)."""
+
+
+class OutputExistsError(ConfigError, BundleError):
+    """An output location is taken (a bundle without --overwrite, or something that is not one)."""

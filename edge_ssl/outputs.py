@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from edge_ssl.errors import BundleError, ConfigError
+from edge_ssl.errors import ConfigError, OutputExistsError
 
 
 def require_writable_dir(folder: str | os.PathLike, flag: str = "--out") -> Path:
@@ -25,18 +25,19 @@ def require_writable_dir(folder: str | os.PathLike, flag: str = "--out") -> Path
 
 
 def check_bundle_out(out: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Refuse a bundle destination that cannot be written, before any work.
+    """Refuse a bundle destination that cannot be written, before any work (every stage and
+    BundleWriter use this one check).
 
     ``out`` must not exist (or be a bundle and ``overwrite`` given); a file or a folder
     that is not a bundle is never replaced. Its parent folder must be writable.
     """
     out = Path(out)
     if out.exists() and not (out.is_dir() and (out / "manifest.json").is_file()):
-        raise BundleError(
+        raise OutputExistsError(
             f"{flag} {out} exists and is not a bundle; refusing to replace it (even with "
             f"--overwrite). Choose another {flag}."
         )
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another {flag} or pass --overwrite.")
+        raise OutputExistsError(f"{out} already exists; choose another {flag} or pass --overwrite.")
     require_writable_dir(out.parent, flag)
     return out

@@ -49,6 +49,15 @@ class Comparison:
         )
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """cos(a_i, b_i) per row of two (N, ...) arrays (each row flattened), 0 where either row
+    is all zero: the one row cosine of the project (parity, quantization, the adaptation guard)."""
+    x = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    y = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return np.where(norms == 0, 0.0, np.sum(x * y, axis=1) / np.where(norms == 0, 1.0, norms))
+
+
 def compare_outputs(
     reference: np.ndarray,
     candidate: np.ndarray,
@@ -68,14 +77,11 @@ def compare_outputs(
         raise RunnerError(f"cannot compare {output!r}: the outputs are empty.")
     diff = np.abs(ref - out)
     scale = float(np.abs(ref).max())
-    flat_ref = ref.reshape(ref.shape[0], -1)
-    flat_out = out.reshape(out.shape[0], -1)
-    norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_out, axis=1)
-    dots = np.sum(flat_ref * flat_out, axis=1)
     # A zero-norm sample never agrees, not even with another zero vector: two models that
     # both output zeros are both broken, not equal.
-    degenerate = norms == 0
-    cosine = np.where(degenerate, 0.0, dots / np.where(degenerate, 1.0, norms))
+    cosine = row_cosines(ref, out)
+    degenerate = (np.abs(ref.reshape(len(ref), -1)).max(axis=1) == 0) | (
+        np.abs(out.reshape(len(out), -1)).max(axis=1) == 0)
     finite = np.isfinite(out).all()
     return Comparison(
         output=output,

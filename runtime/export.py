@@ -19,6 +19,7 @@ from edge_ssl.runtime.preprocess import preprocess_images
 
 from edge_ssl.errors import BundleError, ConfigError
 from edge_ssl.lazy import require
+from edge_ssl.outputs import check_bundle_out
 from edge_ssl.spec import InputSpec
 
 __all__ = ["ParityError", "ParityReport", "check_parity", "export_bundle", "export_encoder_onnx"]
@@ -316,8 +317,7 @@ def export_bundle(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_bundle_out(out, overwrite=overwrite)
     if not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -57,9 +57,9 @@ class GuardReport:
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over rows of cos(a_i, b_i) for two (N, D) arrays."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float((a * b).sum(axis=1).mean())
+    from edge_ssl.runtime.compare import row_cosines
+
+    return float(row_cosines(a, b).mean())
 
 
 def check_embeddings(

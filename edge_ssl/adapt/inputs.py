@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt.config import MIN_BATCH, MIN_HOLDOUT, MIN_IMAGES, AdaptConfig
-from edge_ssl.bundle import Bundle, check_bundle_out
+from edge_ssl.bundle import Bundle
 from edge_ssl.config import config_to_dict
 from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import BundleError, DataError
 from edge_ssl.evaluate import EmbeddingHealth
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
+from edge_ssl.outputs import check_bundle_out
 
 
 @dataclass(frozen=True)

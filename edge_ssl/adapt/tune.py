@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.adapt.config import MIN_BATCH, AdaptConfig
-from edge_ssl.bundle import Bundle, BundleWriter, check_bundle_out
+from edge_ssl.bundle import Bundle, BundleWriter
 from edge_ssl.config import config_from_dict, config_to_dict
 from edge_ssl.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from edge_ssl.data.sources import ImageDataset, split_mask
 from edge_ssl.errors import BundleError, ConfigError, DataError
 from edge_ssl.lineage import own_or_float_parent_file
+from edge_ssl.outputs import check_bundle_out
 
 #: The bundle file ``edge-ssl adapt`` reads its per-bundle BN settings from.
 SETTINGS_FILE = "adapt_settings.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,10 +42,11 @@ def adapt_tune(
     synthetic shifts, the most recovery within the clean budget; ship clean replay images with
     the replay step settings; `adapt` then uses them."""
     from edge_ssl.adapt.tune import TuneConfig, tune_bn_settings, write_tuned
-    from edge_ssl.bundle import Bundle, check_bundle_out
+    from edge_ssl.bundle import Bundle
     from edge_ssl.data.sources import load_images
     from edge_ssl.lineage import require_float_weights
     from edge_ssl.models import load_encoder
+    from edge_ssl.outputs import check_bundle_out
 
     values = {"max_clean_drop": max_clean_drop, "probe_images": probe_images, "device": device,
               "replay_images": replay_images,
@@ -66,6 +67,11 @@ def adapt_tune(
         emit_json({"bundle": str(tuned.path), "seconds": round(time.perf_counter() - started, 1),
                    **result.to_dict()})
         return
+    _print_choice(console, result, config)
+    console.print(f"wrote {tuned.path}; `edge-ssl adapt` uses these settings unless --opt sets them.")
+
+
+def _print_choice(console: Any, result: Any, config: Any) -> None:
     chosen = result.choice
     if result.bn_stats:
         console.print(f"chosen: bn_depth {result.bn_depth:g}, bn_prior {result.bn_prior:g} "
@@ -79,4 +85,3 @@ def adapt_tune(
         console.print(f"replay: {len(result.replay)} clean images in adapt_replay.npz, with "
                       f"align_weight {result.settings()['align_weight']:g} and replay_weight "
                       f"{result.settings()['replay_weight']:g}")
-    console.print(f"wrote {tuned.path}; `edge-ssl adapt` uses these settings unless --opt sets them.")
