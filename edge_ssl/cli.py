@@ -373,12 +373,11 @@ def encoders(as_json: JsonOpt = False) -> None:
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # Names are what users type: never wrapped or cut; the description wraps instead.
     table.add_column("name", no_wrap=True, min_width=max(len(info.name) for info in infos))
-    table.add_column("timm model", no_wrap=True, min_width=max(len(info.timm_name) for info in infos))
-    table.add_column("family")
-    table.add_column("input")
-    table.add_column("description", overflow="fold")
+    table.add_column("family", no_wrap=True)
+    table.add_column("px", no_wrap=True, justify="right")
+    table.add_column("description")  # wraps between words; the timm model name is in --json
     for info in infos:
-        table.add_row(info.name, info.timm_name, info.family, str(info.input_size), info.description)
+        table.add_row(info.name, info.family, str(info.input_size), info.description)
     Console().print(table)
 
 

@@ -510,15 +510,15 @@ class DemoProgress:
 def print_demo(report: dict[str, Any]) -> None:
     """The final table (same numbers as the HTML report), skipped stages and where things are."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    table = Table(title=f"edge-ssl demo on {report['data']} (measured in this run)")
-    for i, column in enumerate(report["table"]["columns"]):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in report["table"]["rows"]:
-        table.add_row(*row)
-    console.print(table)
+    columns, rows = report["table"]["columns"], report["table"]["rows"]
+    # Two tables of at most 80 columns: sizes and accuracy, then latency per backend.
+    console.print(_table(f"edge-ssl demo on {report['data']} (measured in this run)",
+                         columns[:SIZE_COLUMNS], [r[:SIZE_COLUMNS] for r in rows]))
+    if len(columns) > SIZE_COLUMNS:
+        console.print(_table("latency, measured here", [columns[0], *columns[SIZE_COLUMNS:]],
+                             [[r[0], *r[SIZE_COLUMNS:]] for r in rows]))
     console.print(f"latency: p50 / p90 ms at batch 1, {report.get('bench_threads') or 'default'} thread(s); "
                   "speed-up = teacher p50 / stage p50 on the same backend. Measured on this machine in "
                   "this run; other load on it makes them noisy.")
@@ -536,17 +536,28 @@ def print_demo(report: dict[str, Any]) -> None:
     console.print(f"total {report['seconds']:.0f} s; bundles in {report['out']}/")
 
 
+#: stage, params, MACs, size, kNN top-1: the first table; latency columns follow in a second.
+SIZE_COLUMNS = 5
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
+    """A table whose cells never wrap (numbers stay whole); the title wraps between words."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _predicted_table(predicted: list[dict[str, Any]]) -> Any:
     """Predicted ms per bundle (rows) and device profile + precision (columns), apart from measured."""
-    from rich.table import Table
 
     columns = list(dict.fromkeys(p["device"] for p in predicted))
     bundles = list(dict.fromkeys(p["bundle"] for p in predicted))
     cells = {(p["bundle"], p["device"]): f"{p['predicted_ms']:.3f} ({p['precision']})" for p in predicted}
-    table = Table(title="PREDICTED latency, ms at batch 1 (roofline model from device profiles, NOT measured)")
-    table.add_column("stage")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for bundle in bundles:
-        table.add_row(bundle, *(cells.get((bundle, c), "—") for c in columns))
-    return table
+    return _table("PREDICTED latency, ms at batch 1 (roofline model from device profiles, NOT measured)",
+                  ["stage", *columns], [[b, *(cells.get((b, c), "—") for c in columns)] for b in bundles])

@@ -99,3 +99,14 @@ def test_user_data_is_split_for_training_and_evaluation(tmp_path):
     train, test = demo_data([str(path)], DEMO_FULL)
     assert len(train) + len(test) == 60 and len(test) >= 10
     assert set(np.unique(test.labels)) == {0, 1, 2}
+
+
+def test_the_demo_tables_fit_80_columns(demo_run, capsys, monkeypatch):
+    from edge_ssl.demo import print_demo
+    from tests.test_terminal_width import WIDTH, assert_fits
+
+    _, report = demo_run
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+    print_demo(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert_fits(lines, [cell for row in report["table"]["rows"] for cell in row])

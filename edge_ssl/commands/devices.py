@@ -56,21 +56,29 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json({key: p.to_dict() for key, p in sorted(profiles.items())})
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Jetson profiles (GPU dense peaks; '-' = not in a cited source)")
-    for column in ("name", "SM", "CUDA/TC", "GPU MHz", "DLA", "memory", "GB/s", "FP16 TF", "INT8 TOPS"):
-        table.add_column(column, no_wrap=True)
+    # 80 columns: units live in the title, every cell is a short number that never wraps.
+    table = Table(title="Jetson profiles: GPU MHz, memory GB and GB/s, dense FP16 TFLOPS and "
+                  "INT8 TOPS ('-': no cited source)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for column in ("name", "SM", "CUDA/TC", "MHz", "DLA", "GB", "GB/s", "FP16", "INT8"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "name" else "right")
     for key, p in sorted(profiles.items()):
         table.add_row(key, p.compute_capability, f"{_s(p.cuda_cores)}/{_s(p.tensor_cores)}",
-                      _s(p.gpu_max_mhz), _s(p.dla_cores), f"{_s(p.memory_gb)} GB", _s(p.memory_bandwidth_gbs),
+                      _whole(p.gpu_max_mhz), _s(p.dla_cores), _s(p.memory_gb), _whole(p.memory_bandwidth_gbs),
                       _s(p.peak_fp16_tflops_dense), _s(p.peak_int8_tops_dense))
     Console().print(table)
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _whole(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _s(value: Any) -> str:
