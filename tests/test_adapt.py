@@ -24,7 +24,8 @@ from edge_ssl.models import create_encoder, load_encoder
 from tests.conftest import PROJECT_ROOT
 
 FAST = {"steps": 2, "batch_size": 8, "guard_every": 1, "checkpoint_every": 1, "head_dim": 32,
-        "device": "cpu"}
+        "device": "cpu",
+        "keep_best": False}  # these tests study the steps; keep_best has its own
 
 
 @pytest.fixture(scope="module")

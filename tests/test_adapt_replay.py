@@ -18,7 +18,8 @@ from edge_ssl.evaluate import embed
 from edge_ssl.models import create_encoder, load_encoder
 
 FAST = {"steps": 2, "batch_size": 8, "guard_every": 1, "checkpoint_every": 1, "head_dim": 32,
-        "device": "cpu", "trainable": "lora"}
+        "device": "cpu", "trainable": "lora",
+        "keep_best": False}  # these tests study the steps; keep_best has its own
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ssl.adapt.config import AdaptConfig
-from edge_ssl.adapt.inputs import AdaptEvent, AdaptResult, check_inputs, check_replay
+from edge_ssl.adapt.inputs import AdaptEvent, AdaptResult, check_bank, check_inputs, check_replay
 from edge_ssl.adapt.run import run_adaptation
 from edge_ssl.bundle import Bundle
 from edge_ssl.data.sources import ImageDataset
@@ -30,6 +30,7 @@ def adapt(
     export: str = "auto",
     progress: Callable[[AdaptEvent], None] | None = None,
     replay: np.ndarray | None = None,
+    replay_labels: np.ndarray | None = None,
 ) -> AdaptResult:
     """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
 
@@ -42,13 +43,16 @@ def adapt(
     (``adapt_replay.npz``, written by ``edge-ssl adapt-tune``). ``config`` is used as given: build it with
     ``edge_ssl.adapt.tune.adapt_config_for`` to start from the BN settings that
     ``edge-ssl adapt-tune`` recorded in the bundle, as the CLI does.
+    ``replay_labels``: labels of ``replay`` (default: the bundle's, when its replay file has
+    them); with them the replay images are the labeled bank that ``keep_best`` scores against.
     """
     deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
     if export not in ("auto", "always", "never"):
         raise BundleError(f"export must be auto, always or never; got {export!r}.")
+    bank = check_bank(replay, replay_labels, config, deployed, weights)
     replay = check_replay(replay, config, deployed, weights)
     return run_adaptation(
         deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
         profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
-        replay=replay,
+        replay=replay, bank=bank,
     )

@@ -63,6 +63,10 @@ class AdaptConfig:
       stop and keep the last good weights when it fails (see ``edge_ssl.adapt.guard``).
     - ``checkpointing``: activation checkpointing of the trainable blocks: auto (only
       when the step would not fit otherwise), on, off.
+    - ``keep_best``: before the result replaces the deployed weights, score the unadapted
+      weights, AdaBN alone and the adapted weights on the held-back slice by a label-free
+      criterion and keep the best (``edge_ssl.adapt.select``); a more complex candidate must
+      beat a simpler one by ``keep_margin``. Off only to study the steps themselves.
     """
 
     trainable: str = "auto"
@@ -91,6 +95,8 @@ class AdaptConfig:
     checkpointing: str = "auto"
     lora_rank: int = 4
     head_dim: int = 512
+    keep_best: bool = True
+    keep_margin: float = 0.0
     device: str = "auto"
     seed: int = 0
 
@@ -126,8 +132,9 @@ class AdaptConfig:
                 "AdaptConfig: ssl_weight, distill_weight, align_weight and replay_weight are all 0, so gradient steps "
                 "have no objective; set one > 0 or use trainable='bn-stats'."
             )
-        if not isinstance(self.bn_stats, bool) or not isinstance(self.select, bool):
-            raise ConfigError("AdaptConfig.bn_stats and .select must be true or false.")
+        if not all(isinstance(v, bool) for v in (self.bn_stats, self.select, self.keep_best)):
+            raise ConfigError("AdaptConfig.bn_stats, .select and .keep_best must be true or false.")
+        _number(owner, "keep_margin", self.keep_margin, 0.0, 1.0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AdaptConfig:

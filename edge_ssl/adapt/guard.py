@@ -70,6 +70,9 @@ def check_embeddings(
     config: GuardConfig,
 ) -> GuardReport:
     """Judge the adapted embeddings of the held-back slice against the deployed model's."""
+    if not np.isfinite(adapted).all():  # a diverged step: roll back, never crash the run
+        return GuardReport(step=step, health=baseline, agreement=float("nan"), ok=False,
+                           reason="embeddings are not finite (the steps diverged; lower --lr)")
     health = embedding_health(adapted)
     agreement = mean_cosine(adapted, deployed)
     reason = ""

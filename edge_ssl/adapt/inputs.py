@@ -48,6 +48,12 @@ class AdaptResult:
     history: list[dict[str, float]] = field(default_factory=list)
     guard: list[dict[str, Any]] = field(default_factory=list)
     export: dict[str, Any] = field(default_factory=dict)
+    #: which of unadapted / AdaBN alone / adapted was kept and the criterion's values
+    selection: dict[str, Any] | None = None
+    #: every candidate encoder scored (for benchmarks; not serialized)
+    candidates: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: what else the run measured (device cost, re-quantization), as in the bundle's metrics
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +68,8 @@ class AdaptResult:
             "seconds_per_step": self.seconds_per_step,
             "guard": self.guard,
             "export": self.export,
+            "selection": self.selection,
+            **{k: v for k, v in self.metrics.items() if k in ("device_cost", "requantize")},
         }
 
 
@@ -130,6 +138,27 @@ def check_replay(replay: np.ndarray | None, config: AdaptConfig, deployed: Bundl
                         "(adapt_replay.npz), --replay-data or adapt(..., replay=); none were given. "
                         "Use replay_weight=0 without them.")
     return check_replay_images(replay, "replay")
+
+
+def check_bank(replay: np.ndarray | None, labels: np.ndarray | None, config: AdaptConfig,
+               deployed: Bundle, weights: Bundle) -> tuple[np.ndarray, np.ndarray] | None:
+    """The labeled clean images ``keep_best`` scores against: ``replay`` with ``labels``, else
+    the bundle's replay file when it holds labels; None without labels (the criterion is then
+    view consistency, edge_ssl.adapt.select)."""
+    if not config.keep_best:
+        return None
+    if replay is not None:
+        if labels is None:
+            return None
+        labels = np.asarray(labels)
+        if labels.shape != (len(replay),) or labels.dtype.kind not in "iu":
+            raise DataError(f"replay_labels must be integers, one per replay image ({len(replay)}); "
+                            f"got {labels.dtype} {labels.shape}.")
+        return replay, labels
+    from edge_ssl.adapt.replay import load_replay_bank
+
+    found = load_replay_bank(deployed, weights)
+    return None if found is None or found[1] is None else (found[0], found[1])
 
 
 def deployment_name(bundle: Bundle) -> str:

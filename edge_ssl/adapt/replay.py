@@ -63,19 +63,31 @@ def choose_replay(images: np.ndarray, pool: np.ndarray, labels: np.ndarray | Non
                   max_mb: float, seed: int, say: Callable[[str], None]) -> np.ndarray | None:
     """Up to ``count`` images of ``images[pool]`` (class-balanced by ``labels``, one per pool
     entry) within ``max_mb`` MiB; None, said, when fewer than MIN_BATCH fit."""
+    picked = choose_replay_indices(images, pool, labels, count, max_mb, seed, say)
+    return None if picked is None else images[picked]
+
+
+def choose_replay_indices(images: np.ndarray, pool: np.ndarray, labels: np.ndarray | None,
+                          count: int, max_mb: float, seed: int,
+                          say: Callable[[str], None]) -> np.ndarray | None:
+    """The indices into ``images`` that :func:`choose_replay` takes (None when none fit)."""
     per_image = images[0].nbytes
     fits = min(count, int(max_mb * (1 << 20) // per_image))
     if fits < MIN_BATCH:
         say(f"replay: one image is {per_image / (1 << 20):.1f} MiB, so {max_mb:g} MiB holds fewer "
             f"than {MIN_BATCH}; none shipped")
         return None
-    return images[pool[replay_indices(len(pool), labels, fits, seed)]]
+    return pool[replay_indices(len(pool), labels, fits, seed)]
 
 
-def replay_bytes(images: np.ndarray) -> bytes:
-    """The ``adapt_replay.npz`` payload (uncompressed: the images are small)."""
+def replay_bytes(images: np.ndarray, labels: np.ndarray | None = None) -> bytes:
+    """The ``adapt_replay.npz`` payload (uncompressed: the images are small); ``labels`` (y)
+    make the replay images the device's labeled bank for keeping the best weights."""
     buffer = io.BytesIO()
-    np.savez(buffer, x=check_replay_images(images, "adapt-tune"))
+    arrays = {"x": check_replay_images(images, "adapt-tune")}
+    if labels is not None:
+        arrays["y"] = np.asarray(labels).astype(np.int64)
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -86,16 +98,28 @@ def replay_file(bundle: Bundle, weights: Bundle | None = None) -> Path | None:
 
 def load_replay(bundle: Bundle, weights: Bundle | None = None) -> np.ndarray | None:
     """The bundle's replay images, or None when it has none; never unpickles."""
+    found = load_replay_bank(bundle, weights)
+    return None if found is None else found[0]
+
+
+def load_replay_bank(bundle: Bundle, weights: Bundle | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(replay images, their labels or None) of the bundle, or None; never unpickles."""
     path = replay_file(bundle, weights)
     if path is None:
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
             images = archive["x"]
+            labels = archive["y"] if "y" in archive.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{path} is not a readable replay file ({type(exc).__name__}: {exc}); "
                           "re-run edge-ssl adapt-tune, or adapt with replay_weight=0.") from exc
     try:
-        return check_replay_images(images, str(path))
+        images = check_replay_images(images, str(path))
     except DataError as exc:
         raise BundleError(str(exc)) from exc
+    if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
+        raise BundleError(f"{path}: labels y must be integers, one per image; got {labels.dtype} "
+                          f"{labels.shape}. Re-run edge-ssl adapt-tune.")
+    return images, labels

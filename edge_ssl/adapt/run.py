@@ -331,8 +331,10 @@ def run_adaptation(
     deployed: Bundle, weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, *,
     resume: bool, overwrite: bool, profile_memory_gb: float | None, export: str,
     progress: Callable[[AdaptEvent], None], replay: np.ndarray | None = None,
+    bank: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> AdaptResult:
-    """The stage body behind :func:`edge_ssl.adapt.inputs.adapt` (inputs already checked)."""
+    """The stage body behind :func:`edge_ssl.adapt.api.adapt` (inputs already checked).
+    ``bank``: labeled clean images for choosing the kept weights (edge_ssl.adapt.select)."""
     from edge_ssl.models import count_parameters, load_encoder
 
     device = resolve_device(config.device)
@@ -350,14 +352,20 @@ def run_adaptation(
     run.train()
     steps = config.steps if run.trainable.takes_gradient_steps else 0
     held, agreement = run.finish(steps)
+    selection, candidates = _keep_best(run, weights, bank, device)
+    if selection is not None:
+        held = run._hold_embeddings()
+        agreement = mean_cosine(held, run.targets[run.hold_idx])
     progress(AdaptEvent("write", run.step, steps, message=f"writing {out}"))
     encoder_cpu = copy.deepcopy(run.encoder).cpu().eval()
     step_mb = run.peak_step_mb if device.type == "cuda" else run.plan.expected_mb
     adapt_metrics = _adapt_metrics(run, device, step_mb, held, agreement)
+    adapt_metrics["selection"] = None if selection is None else selection.to_dict()
     settings = lineage_settings(config, data, run.plan.to_dict(), {
         "steps_done": run.step, "peak_step_mb": adapt_metrics["peak_step_mb"],
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],
         "device": str(device), "resumed": resume, "parent_with_weights": str(weights.path),
+        "selection": adapt_metrics["selection"],
         "replay": None if run.replay is None else {"images": len(run.replay[0]),
                                                     "fingerprint": data_fingerprint(run.replay[0])}})
     from edge_ssl.adapt.export import export_artifacts
@@ -378,7 +386,26 @@ def run_adaptation(
     seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
     return AdaptResult(bundle, run.plan.to_dict(), run.step, run.stopped, run.health_before,
                        embedding_health(held), agreement, step_mb, seconds, run.history,
-                       run.guard, export_info)
+                       run.guard, export_info, adapt_metrics["selection"],
+                       {n: copy.deepcopy(m).cpu() for n, m in candidates.items()}, adapt_metrics)
+
+
+def _keep_best(run: AdaptRun, weights: Bundle, bank: tuple[np.ndarray, np.ndarray] | None,
+               device: torch.device) -> tuple[Any, dict[str, torch.nn.Module]]:
+    """Never worse than not adapting: keep the best of the unadapted weights, AdaBN alone and
+    the adapted weights on the held-back slice (edge_ssl.adapt.select); (selection, candidates)."""
+    if not run.config.keep_best:
+        return None, {}
+    from edge_ssl.adapt.select import keep_best
+    from edge_ssl.models import load_encoder
+
+    encoders, selection = keep_best(run.encoder, load_encoder(weights), run.config,
+                                    run.images[run.train_idx], run.images[run.hold_idx], bank, device)
+    run.encoder = encoders[selection.kept]
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in selection.scores.items() if v is not None)
+    run.progress(AdaptEvent("guard", run.step, run.config.steps,
+                            message=f"kept {selection.kept} ({selection.criterion}: {scores})"))
+    return selection, encoders
 
 
 def _adapt_metrics(run: AdaptRun, device: torch.device, step_mb: float, held: np.ndarray,

@@ -125,6 +125,7 @@ class TuneResult:
     images: Mapping[str, int]
     config: TuneConfig
     replay: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    replay_labels: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def bn_stats(self) -> bool:
@@ -214,7 +215,7 @@ def tune_bn_settings(
     :func:`choose`. One statistics pass per corruption and depth: a prior only blends the
     measured statistics with the deployed ones, as :func:`reestimate_bn_stats` does."""
     from edge_ssl.adapt.bn import batch_norms
-    from edge_ssl.adapt.replay import choose_replay
+    from edge_ssl.adapt.replay import choose_replay_indices
     from edge_ssl.device import resolve_device
 
     say = progress or (lambda message: None)
@@ -240,13 +241,14 @@ def tune_bn_settings(
             "so there is nothing to tune on; raise probe_images or keep the default settings.")
     grid = _grid(cells, shifted, clean, significant, config, say)
     # never the probe the grid was scored on
-    replay = choose_replay(data.images, split["rest"], split["rest_y"], config.replay_images,
-                           config.replay_max_mb, config.seed, say) if config.replay_images else None
+    picked = choose_replay_indices(data.images, split["rest"], split["rest_y"], config.replay_images,
+                                   config.replay_max_mb, config.seed, say) if config.replay_images else None
     return TuneResult(
         choice=choose(grid, config.max_clean_drop), clean=clean,
         shifted=shifted, significant=tuple(significant), gap_floor=floor, grid=tuple(grid),
         images={"adapt": len(split["adapt_x"]), "eval": len(split["eval_x"]), "bank": knn.bank_size},
-        config=config, replay=replay)
+        config=config, replay=None if picked is None else data.images[picked],
+        replay_labels=None if picked is None else np.asarray(data.labels)[picked].astype(np.int64))
 
 
 class _ProbeKnn:
@@ -338,7 +340,7 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
                 writer.copy_file(name, bundle.file(name))
         writer.write_json(SETTINGS_FILE, payload)
         if result.replay is not None:
-            writer.write_bytes(REPLAY_FILE, replay_bytes(result.replay))
+            writer.write_bytes(REPLAY_FILE, replay_bytes(result.replay, result.replay_labels))
         lineage = bundle.child_lineage("adapt-tune", {
             "settings": result.settings(),
             "chosen": {k: v for k, v in result.choice.items() if k != "corruptions"},
