@@ -45,7 +45,8 @@ class PruneConfig:
     - ``importance``: ``l1``/``l2`` weight magnitude, ``bn_scale`` (|gamma| of BatchNorm,
       Network Slimming), ``taylor`` (first-order |w * dL/dw| with a cross-view distillation
       loss against the unpruned model on ``taylor_batches`` unlabeled batches).
-    - ``round_to`` keeps channel counts multiples of 8 (TensorRT picks faster kernels).
+    - ``round_to`` keeps channel counts multiples of 8 (TensorRT picks faster kernels);
+      ``board_round_to`` gives a board's multiple (32 for INT8 on Ampere).
     - ``exclude``: fnmatch patterns of module names never pruned, e.g. ``backbone.conv1``.
     - ``steps`` > 1 prunes iteratively; with ``recovery_epochs`` > 0 the pruned model is
       distilled from the unpruned one after every step (settings in ``recovery``, a
@@ -101,6 +102,20 @@ class PruneResult:
     encoder: Any
     steps: list[dict[str, Any]]
     bundle: Bundle | None = None
+
+
+def board_round_to(profile: Any, precision: str) -> int:
+    """Channel multiple for ``profile``'s tensor cores at ``precision`` (a DeviceProfile or its name).
+
+    The MMA tile the latency model pads channels to (``devices/predict.py``'s ``tile_for``):
+    8 for FP16 tensor cores, 16 (Volta) / 32 (Ampere and later) for INT8; never below 8, the
+    multiple TensorRT's FP16 kernels want on every generation.
+    """
+    from edge_ssl.devices.predict import tile_for
+    from edge_ssl.devices.profiles import get_profile
+
+    board = get_profile(profile) if isinstance(profile, str) else profile
+    return max(8, tile_for(board.arch, "fp16" if precision in ("none", "fp32") else precision))
 
 
 # --------------------------------------------------------------------- rebuild from a spec

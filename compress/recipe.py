@@ -30,11 +30,17 @@ class RecipeConfig:
     """A compression recipe (also the YAML format of ``edge-ssl compress --recipe FILE``).
 
     ``student`` None skips distillation (the teacher itself is pruned/quantized);
-    ``prune`` None skips pruning; ``quantize`` "none" skips quantization. ``distill``,
-    ``prune_options`` and ``quantize_options`` hold DistillConfig / PruneConfig /
-    QuantizeConfig settings. ``max_latency_ms`` is checked on ``target``'s latency at batch
-    ``latency_batch`` (onnxruntime CPU, measured; for ``tensorrt`` the ORT-CPU number is
-    a stand-in and labelled so); ``max_knn_drop`` in kNN top-1 points vs the teacher.
+    ``prune`` None skips pruning; ``quantize`` "none" skips quantization (YAML may say
+    ``precision`` for it). ``distill``, ``prune_options`` and ``quantize_options`` hold
+    DistillConfig / PruneConfig / QuantizeConfig settings. ``max_knn_drop`` in kNN top-1
+    points vs the teacher.
+
+    ``profile`` (YAML ``for``; ``--for``) names the board: ``target`` becomes ``tensorrt``
+    and ``max_latency_ms`` is checked on the latency PREDICTED for that board
+    (``devices/predict.py``), never on this host's; before any training the search
+    (``compress/search.py``) picks the student and prune ratio that fit, unless ``search``
+    is false; a teacher that fits already is not compressed unless ``force``. For
+    ``ort-cpu`` the budget is this host's onnxruntime-CPU latency at ``latency_batch``.
     """
 
     student: str | None = None
@@ -44,12 +50,15 @@ class RecipeConfig:
     prune_options: Mapping[str, Any] = field(default_factory=dict)
     quantize: str = "int8"
     quantize_options: Mapping[str, Any] = field(default_factory=dict)
-    target: str = "ort-cpu"
+    target: str | None = None  # default: tensorrt with a profile, else ort-cpu
+    profile: str | None = None
     max_latency_ms: float | None = None
     max_knn_drop: float | None = None
     latency_batch: int = 1
     bench_seconds: float = 3.0
     threads: int | None = None
+    search: bool = True
+    force: bool = False
 
     def __post_init__(self) -> None:
         for name in ("student_kwargs", "distill", "prune_options", "quantize_options"):
@@ -57,9 +66,12 @@ class RecipeConfig:
         check_choice("RecipeConfig", "quantize", self.quantize, QUANTIZE_CHOICES)
         from edge_ssl.compress.quantize import TARGETS
 
+        if self.target is None:
+            object.__setattr__(self, "target", "tensorrt" if self.profile else "ort-cpu")
         check_choice("RecipeConfig", "target", self.target, tuple(TARGETS))
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise ConfigError(f"max_latency_ms must be > 0; got {self.max_latency_ms}.")
+        check_board(self)
         if self.max_knn_drop is not None and self.max_knn_drop < 0:
             raise ConfigError(f"max_knn_drop must be >= 0 (points); got {self.max_knn_drop}.")
         if self.latency_batch < 1 or not self.bench_seconds > 0:
@@ -71,7 +83,12 @@ class RecipeConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RecipeConfig:
-        return config_from_dict(cls, values)
+        return config_from_dict(cls, recipe_aliases(values))
+
+    @property
+    def board_precision(self) -> str:
+        """What the board runs the final bundle in: the quantized precision, else FP16."""
+        return "fp16" if self.quantize == "none" else self.quantize
 
     def distill_config(self) -> Any:
         from edge_ssl.compress.distill import DistillConfig
@@ -86,7 +103,12 @@ class RecipeConfig:
 
         if self.prune is None:
             return None
-        return PruneConfig.from_dict({**self.prune_options, "ratio": self.prune})
+        board = {}
+        if self.profile is not None:  # channels in multiples of the board's tensor-core tile
+            from edge_ssl.compress.prune import board_round_to
+
+            board = {"round_to": board_round_to(self.profile, self.board_precision)}
+        return PruneConfig.from_dict({**board, **self.prune_options, "ratio": self.prune})
 
     def quantize_config(self) -> Any:
         from edge_ssl.compress.quantize import QuantizeConfig
@@ -95,6 +117,49 @@ class RecipeConfig:
             return None
         return QuantizeConfig.from_dict({**self.quantize_options, "precision": self.quantize,
                                          "target": self.target})
+
+
+#: Other spellings a recipe file may use: ``for`` (as the --for flag) and ``precision``.
+RECIPE_ALIASES = {"for": "profile", "precision": "quantize"}
+
+
+def recipe_aliases(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``for:`` read as ``profile`` and ``precision:`` as ``quantize``."""
+    values = dict(values)
+    for alias, key in RECIPE_ALIASES.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if key in values and values[key] != value:
+            raise ConfigError(f"the recipe sets both {alias}: {value!r} and {key}: {values[key]!r} "
+                              f"({alias} is another name for {key}); keep one.")
+        values[key] = value
+    return values
+
+
+def check_board(recipe: RecipeConfig) -> None:
+    """A known profile that runs the precision, and no host time standing in for a board's."""
+    if recipe.profile is None:
+        if recipe.target == "tensorrt" and recipe.max_latency_ms is not None:
+            raise ConfigError(
+                "max_latency_ms for target tensorrt needs the board: pass --for PROFILE (e.g. "
+                "--for orin-nano-8gb; see `edge-ssl devices`) and the budget is checked on the "
+                "latency predicted for it. This host's CPU time is not a TensorRT latency."
+            )
+        return
+    from edge_ssl.devices.profiles import get_profile
+
+    board = get_profile(recipe.profile)
+    if recipe.target != "tensorrt":
+        raise ConfigError(
+            f"--for {recipe.profile} names a Jetson board (TensorRT) but target is {recipe.target!r}, "
+            "this host's CPU; drop --target (it becomes tensorrt) or drop --for."
+        )
+    if recipe.board_precision not in board.precisions:
+        raise ConfigError(
+            f"{board.name} does not run {recipe.board_precision}; it supports "
+            f"{', '.join(board.precisions)}. Pass --precision {board.precisions[-1]}."
+        )
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> RecipeConfig:
@@ -111,7 +176,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"recipe {file} is not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"recipe {file} must be a mapping of settings; got {type(loaded).__name__}.")
-        values.update(loaded or {})
+        values.update(recipe_aliases(loaded or {}))
     return RecipeConfig.from_dict(merge_overrides(values, overrides or {}))
 
 
@@ -141,9 +206,19 @@ def merge_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return merged
 
 
+#: The three kinds of latency, never mixed (DESIGN.md "Latency on a board you do not have").
+MEASURED_HOST, MEASURED_ON_BOARD, PREDICTED_FOR_BOARD = "measured-host", "measured-on-board", "predicted-for-board"
+
+
 @dataclass
 class StageRow:
-    """One row of the per-stage table."""
+    """One row of the per-stage table.
+
+    ``latency_ms`` is ALWAYS this host's onnxruntime-CPU p50 (``latency_kind``
+    measured-host). ``board_ms`` is the latency on ``board`` (``board_kind``
+    predicted-for-board, with ``board_interval_ms``). ``budget_kind`` says which of the two
+    the budget is checked on: the board's for a board, the host's only for ort-cpu.
+    """
 
     name: str
     bundle: str
@@ -154,9 +229,34 @@ class StageRow:
     latency_ms: float | None
     latency_source: str
     precision: str
+    latency_kind: str = MEASURED_HOST
+    board: str | None = None
+    board_ms: float | None = None
+    board_interval_ms: list[float] | None = None
+    board_kind: str | None = None
+    board_precision: str | None = None
+    launch_bound_share: float | None = None
+    budget_kind: str | None = MEASURED_HOST
+
+    def budget_ms(self) -> float | None:
+        """The latency the budget is checked on (None: none that may be, e.g. tensorrt, no board)."""
+        if self.budget_kind == MEASURED_HOST:
+            return self.latency_ms
+        return self.board_ms if self.budget_kind == self.board_kind else None
+
+    def latencies(self) -> list[dict[str, Any]]:
+        """Every latency of the row with its kind and where it holds."""
+        found = []
+        if self.latency_ms is not None:
+            found.append({"kind": self.latency_kind, "ms": self.latency_ms, "interval_ms": None,
+                          "on": "this host (onnxruntime CPU)", "precision": self.precision})
+        if self.board_ms is not None:
+            found.append({"kind": self.board_kind, "ms": self.board_ms, "interval_ms": self.board_interval_ms,
+                          "on": self.board, "precision": self.board_precision})
+        return found
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "latencies": self.latencies()}
 
 
 @dataclass
@@ -168,12 +268,15 @@ class CompressResult:
     bundle: Bundle | None = None
     reused: list[str] = field(default_factory=list)  # stages taken over from an earlier run
     ran: list[str] = field(default_factory=list)  # stages run (or redone) by this run
+    search: Any | None = None  # compress.search.SearchResult when a board budget was searched
 
     def to_dict(self) -> dict[str, Any]:
+        search = None if self.search is None else self.search.to_dict()
         return {"stages": [r.to_dict() for r in self.rows], "chosen": self.chosen, "met": self.met,
                 "message": self.message, "bundle": None if self.bundle is None else str(self.bundle.path),
                 "manifest_sha256": None if self.bundle is None else self.bundle.manifest_sha256,
-                "reused": list(self.reused), "ran": list(self.ran)}
+                "reused": list(self.reused), "ran": list(self.ran),
+                "candidates": None if search is None else search["candidates"], "search": search}
 
 
 def stages_dir(out: str | os.PathLike) -> Path:
@@ -230,13 +333,29 @@ class StageMeter:
         if self.knn is not None:
             top1 = self.knn.top1(lambda images: onnx_embed(graph, images, spec))
         latency = self._latency(graph, spec)
-        source = "ort-cpu measured" if self.recipe.target == "ort-cpu" else (
-            "ort-cpu measured (stand-in: no TensorRT device here)")
         row = StageRow(name, str(bundle.path), sizes["params"], sizes["macs"], graph.stat().st_size, top1,
-                       latency, source, bundle.manifest.precision)
+                       latency, "measured-host: onnxruntime CPU on this machine", bundle.manifest.precision,
+                       budget_kind=MEASURED_HOST if self.recipe.target == "ort-cpu" else None)
+        if self.recipe.profile is not None:
+            prediction = self._board(row, graph)
+            if record:
+                _record_prediction(bundle, prediction)
         if record:
             record_results(bundle, "compress_stage", row.to_dict())
         return row
+
+    def _board(self, row: StageRow, graph: Path) -> Any:
+        """Fill ``row``'s board latency: PREDICTED for the recipe's profile (float stages run
+        in FP16 there, a quantized one in its own precision)."""
+        from edge_ssl.devices.predict import predict_onnx
+
+        precision = row.precision if row.precision in ("int8", "fp16") else "fp16"
+        prediction = predict_onnx(graph, self.recipe.profile, precision=precision,
+                                  batch=self.recipe.latency_batch)
+        row.board, row.board_kind, row.budget_kind = prediction.device, PREDICTED_FOR_BOARD, PREDICTED_FOR_BOARD
+        row.board_ms, row.board_interval_ms = prediction.predicted_ms, list(prediction.interval_ms)
+        row.board_precision, row.launch_bound_share = precision, prediction.launch_bound_share
+        return prediction
 
     def _export(self, encoder: Any, name: str) -> Path:
         from edge_ssl.runtime.export import export_encoder_onnx
@@ -248,6 +367,18 @@ class StageMeter:
 
         return ort_latency_ms(graph, spec, self.recipe.latency_batch, seconds=self.recipe.bench_seconds,
                               threads=self.recipe.threads)
+
+
+def _record_prediction(bundle: Bundle, prediction: Any) -> None:
+    """The stage's board prediction beside it (under 'predict', where `predict` and the report look)."""
+    from edge_ssl.devices.predict import record_prediction
+
+    from edge_ssl.errors import BundleError
+
+    try:
+        record_prediction(bundle.path, prediction)
+    except BundleError:
+        pass  # the row in the compress record still has it
 
 
 def check_compress_inputs(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, out: Path,
@@ -406,14 +537,63 @@ def compress(
     out = Path(out)
     teacher_bundle = teacher if isinstance(teacher, Bundle) else Bundle.open(teacher, verify=True)
     check_compress_inputs(teacher_bundle, recipe, data, out, knn, overwrite, resume)
+    recipe, found = aim_at_board(teacher_bundle, recipe, data, say)
+    if found is not None and found.teacher_fits and not recipe.force:
+        return CompressResult([], "teacher", True, teacher_fits_text(found), None, search=found)
     run = StageRun(work=_fresh_partial(out, resume), previous=stages_dir(out), resume=resume,
                    fingerprints=_fingerprints(data, knn), say=say)
     rows = _run_stages(teacher_bundle, recipe, data, knn, run, progress)
     chosen, met, message = choose_stage(rows, recipe)
     bundle = _publish(rows, chosen, out, run.work)
-    result = CompressResult(rows, chosen, met, message, bundle, reused=run.reused, ran=run.ran)
+    result = CompressResult(rows, chosen, met, message, bundle, reused=run.reused, ran=run.ran, search=found)
     record_results(bundle, "compress", result.to_dict())
+    from edge_ssl.compress.adapt_ready import make_adapt_ready  # adapt settings + replay images
+
+    make_adapt_ready(result, knn, say)
     return result
+
+
+def aim_at_board(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset,
+                 say: Callable[[str], None]) -> tuple[RecipeConfig, Any]:
+    """With a board and a budget: search the candidates (no training) and return the recipe
+    with the chosen student and prune ratio, and the search. Refuses a budget under the
+    launch floor or one no candidate meets, before any training."""
+    from dataclasses import replace
+
+    from edge_ssl.compress.prune import board_round_to
+    from edge_ssl.compress.search import LatencyBudgetError, candidate_specs, candidates_table, search
+
+    if recipe.profile is None or recipe.max_latency_ms is None or not recipe.search:
+        return recipe, None
+    source = require_float_weights(teacher, "compress")
+    same_arch = recipe.distill_config() is not None and recipe.distill_config().init == "teacher"
+    specs = candidate_specs(source.manifest.encoder, recipe.student, recipe.student_kwargs,
+                            same_arch_only=same_arch)
+    ratios = sorted({0.3, 0.5} | ({recipe.prune} if recipe.prune else set()))
+    say(f"search: {len(specs)} students x prune ratios {', '.join(f'{r:.0%}' for r in ratios)}, "
+        f"predicted on {recipe.profile} (no training)")
+    found = search(source.manifest.encoder, specs, recipe.profile, recipe.board_precision,
+                   recipe.max_latency_ms, round_to=board_round_to(recipe.profile, recipe.board_precision),
+                   prune_ratios=ratios, stop_if_teacher_fits=not recipe.force, log=say)
+    for line in [*candidates_table(found), *found.notes]:
+        say(line)
+    if found.teacher_fits and not recipe.force:
+        return recipe, found
+    if found.chosen is None:
+        raise LatencyBudgetError(f"{found.notes[-1]}. Raise --max-latency-ms, or pick another --precision "
+                                 "or board; nothing was trained.")
+    spec = found.chosen.spec
+    chosen = replace(recipe, student=spec.student if recipe.student else None,
+                     student_kwargs=dict(spec.kwargs) if recipe.student else recipe.student_kwargs,
+                     prune=spec.prune)
+    check_student(source, chosen, data)
+    return chosen, found
+
+
+def teacher_fits_text(found: Any) -> str:
+    return (f"{found.notes[0]}. Not compressed (pass --force to compress anyway); to run it on "
+            f"the board, quantize it alone: `edge-ssl quantize TEACHER --precision {found.precision} "
+            "--target tensorrt --out Q.edge`.")
 
 
 def _run_stages(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, knn: Any | None,
@@ -668,8 +848,8 @@ def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool,
 
     def misses(row: StageRow) -> tuple[float, float]:
         latency = 0.0
-        if recipe.max_latency_ms is not None and row.latency_ms is not None:
-            latency = max(0.0, row.latency_ms - recipe.max_latency_ms)
+        if recipe.max_latency_ms is not None and row.budget_ms() is not None:
+            latency = max(0.0, row.budget_ms() - recipe.max_latency_ms)
         drop = 0.0
         if recipe.max_knn_drop is not None and row.knn_top1 is not None and teacher.knn_top1 is not None:
             drop = max(0.0, 100 * (teacher.knn_top1 - row.knn_top1) - recipe.max_knn_drop)
@@ -682,7 +862,9 @@ def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool,
     late, drop = misses(best)
     parts, hints = [], []
     if late:
-        parts.append(f"latency {best.latency_ms:.2f} ms is {late:.2f} ms over --max-latency-ms {recipe.max_latency_ms}")
+        kind = best.budget_kind if best.board is None else f"{best.budget_kind} {best.board}"
+        parts.append(f"latency {best.budget_ms():.2f} ms ({kind}) is {late:.2f} ms over --max-latency-ms "
+                     f"{recipe.max_latency_ms}")
         hints.append("for latency: a smaller student (--student, --arch-opt width=...) or a higher --prune ratio")
     if drop:
         parts.append(f"kNN drop is {drop:.2f} pts over --max-knn-drop {recipe.max_knn_drop}")

@@ -205,12 +205,16 @@ def compress(
     eval_data: EvalDataOpt = None,
     eval_test: EvalTestOpt = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use only the first N images of --eval-data and of --eval-test (quick trials).")] = None,
-    max_latency_ms: Annotated[float | None, typer.Option(help="Latency target at batch 1 (measured with the runtime bench).")] = None,
+    for_profile: Annotated[str | None, typer.Option("--for", help="Device profile the budget is for, e.g. orin-nano-8gb (see `edge-ssl devices`): latency PREDICTED on that board, and a search for the student that fits before training.")] = None,
+    precision: Annotated[str | None, typer.Option(help="int8, fp16 or none: the final precision (same as --quantize).")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1: on the --for board (predicted), else this host's onnxruntime CPU (measured).")] = None,
+    force: Annotated[bool, typer.Option(help="Compress even when the teacher already fits the --for budget.")] = False,
+    on: Annotated[str | None, typer.Option("--on", help="Measure on a device instead of predicting (not available in compress yet: the error says what to run).")] = None,
     max_knn_drop: Annotated[float | None, typer.Option(help="Allowed kNN top-1 drop vs the teacher, in points.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags given here override it.")] = None,
     set_keys: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE overriding one recipe key, e.g. distill.batch_size=64 or quantize_options.calibration_images=128 (repeatable).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Distillation epochs (overrides the recipe).")] = None,
-    device: Annotated[str | None, typer.Option(help="Distillation device (overrides the recipe).")] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device for distillation: auto, cpu, cuda (overrides the recipe; the board is --for).")] = None,
     limit: LimitOpt = None,
     resume: Annotated[bool, typer.Option(help="Reuse the finished stages of an interrupted (or the last) run whose parent, settings and data match; redo the rest.")] = False,
     overwrite: OverwriteOpt = False,
@@ -225,9 +229,11 @@ def compress(
     from edge_ssl.compress.recipe import CompressInterrupted
     from edge_ssl.compress.recipe import compress as run_compress
 
+    _check_board_flags(on, device, quantize_to, precision)
     config = _compress_recipe(recipe, set_keys, student=student, arch_opt=arch_opt, prune=prune_ratio,
-                              quantize=quantize_to, target=target, max_latency_ms=max_latency_ms,
-                              max_knn_drop=max_knn_drop, epochs=epochs, device=device)
+                              quantize=quantize_to or precision, target=target, profile=for_profile,
+                              max_latency_ms=max_latency_ms, max_knn_drop=max_knn_drop,
+                              force=force or None, epochs=epochs, device=device)
     knn = _knn_data(eval_data, eval_test, bundle=teacher, limit=eval_limit)
     dataset = _images_for(teacher, data, limit)
     console = stderr_console()
@@ -241,7 +247,30 @@ def compress(
     if as_json:
         emit_json(result.to_dict())
         return
+    if result.bundle is None:  # the teacher fits the board's budget already
+        typer.echo(result.message)
+        return
     _print_table(result)
+
+
+def _check_board_flags(on: str | None, device: str | None, quantize: str | None, precision: str | None) -> None:
+    """--on is not wired into compress; --device is a torch device, never a board; one precision."""
+    from edge_ssl.devices.profiles import load_profiles
+    from edge_ssl.errors import ConfigError
+
+    if on is not None:
+        raise ConfigError(
+            f"compress --on {on}: measuring every stage on a device is not available in compress yet "
+            "(nothing was run). Compress with --for PROFILE (latency predicted for the board), then "
+            "measure: `edge-ssl bench OUT.stages/3-quantize.edge --on " + on + " --backend tensorrt`, "
+            "and fold it into later predictions with `edge-ssl predict --calibrate OUT.stages/3-quantize.edge`."
+        )
+    if device is not None and device in load_profiles():
+        raise ConfigError(f"--device {device} names a board; --device is the torch device for training "
+                          f"(auto, cpu, cuda). Use --for {device} for the board.")
+    if quantize is not None and precision is not None and quantize != precision:
+        raise ConfigError(f"--quantize {quantize} and --precision {precision} disagree (the same setting); "
+                          "pass one.")
 
 
 def _compress_recipe(path: Path | None, set_keys: list[str] | None, *, arch_opt: list[str] | None,
@@ -326,23 +355,35 @@ def _given_args(ctx: Any) -> list[str]:
 
 
 def _print_table(result: Any) -> None:
+    """The stage table; with a board, its PREDICTED latency beside this host's measured one."""
     from rich.console import Console
     from rich.table import Table
 
+    board = result.rows[0].board if result.rows else None
     table = Table(title="edge-ssl compress")
-    for column in ("stage", "params", "MACs", "bytes", "kNN top-1", "latency b1", "precision"):
+    columns = ["stage", "params", "MACs", "kNN top-1", "host ms", "board ms", "interval", "prec"] if board else [
+        "stage", "params", "MACs", "bytes", "kNN top-1", "host ms", "precision"]
+    for column in columns:
         table.add_column(column, justify="right")
     for row in result.rows:
-        table.add_row(
-            row.name + (" *" if row.name == result.chosen else ""),
-            "-" if row.params is None else f"{row.params / 1e6:.2f}M",
-            "-" if row.macs is None else f"{row.macs / 1e6:.1f}M",
-            f"{row.bytes / 1e6:.2f} MB",
-            "-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}%",
-            "-" if row.latency_ms is None else f"{row.latency_ms:.2f} ms",
-            row.precision,
-        )
-    Console().print(table)
-    typer.echo(f"latency: {result.rows[0].latency_source}")
+        cells = [row.name + (" *" if row.name == result.chosen else ""),
+                 "-" if row.params is None else f"{row.params / 1e6:.2f}M",
+                 "-" if row.macs is None else f"{row.macs / 1e6:.1f}M"]
+        if not board:
+            cells.append(f"{row.bytes / 1e6:.2f} MB")
+        cells += ["-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}%",
+                  "-" if row.latency_ms is None else f"{row.latency_ms:.2f}"]
+        if board:
+            low, high = row.board_interval_ms or (None, None)
+            cells += ["-" if row.board_ms is None else f"{row.board_ms:.3f}",
+                      "-" if low is None else f"{low:.2f}-{high:.2f}", row.board_precision or "-"]
+        else:
+            cells.append(row.precision)
+        table.add_row(*cells)
+    Console(width=80).print(table)
+    typer.echo("host ms: measured here, onnxruntime CPU p50 (measured-host)")
+    if board:
+        typer.echo(f"board ms: PREDICTED for {board} at batch 1 (predicted-for-board); the budget is "
+                   "checked on it")
     typer.echo(result.message)
     typer.echo(f"wrote {result.bundle.path} (stage {result.chosen!r})")
