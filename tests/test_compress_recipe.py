@@ -81,17 +81,33 @@ def test_compress_cli_chains_the_stages_and_stores_the_table(teacher_bundle, tmp
     final = Bundle.open(out)
     assert final.manifest.precision == "int8"
     stages = [e.stage for e in final.manifest.lineage]
-    assert stages[-3:] == ["distill", "prune", "quantize"]
+    assert [s for s in stages if s in ("distill", "prune", "quantize")] == ["distill", "prune", "quantize"]
     table = read_results(final)["compress"]
     assert [r["name"] for r in table["stages"]] == ["teacher", "distill", "prune", "quantize"]
     assert table["met"] and table["chosen"] == "quantize"
     params = [r["params"] for r in table["stages"]]
     assert params[2] < params[1] < params[0]
     assert all(0 <= r["knn_top1"] <= 1 and r["latency_ms"] > 0 for r in table["stages"])
+    # ort-cpu: this host's measured time is the latency that counts, and the only one
+    assert all(r["budget_kind"] == "measured-host" and [e["kind"] for e in r["latencies"]] == ["measured-host"]
+               for r in table["stages"])
     json.dumps(table)
     with pytest.raises(SystemExit) as refused:
         main(args)  # OUT exists: one-line error, exit 1
     assert refused.value.code == 1
+
+
+def test_a_recipe_for_a_board_takes_for_and_precision_and_its_tile(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("for: orin-nano-8gb\nprecision: int8\nprune: 0.5\nmax_latency_ms: 1.5\n")
+    recipe = load_recipe(path)
+    assert (recipe.profile, recipe.quantize, recipe.target) == ("orin-nano-8gb", "int8", "tensorrt")
+    assert recipe.prune_config().round_to == 32  # Ampere INT8 tensor cores
+    assert load_recipe(path, {"quantize": "fp16"}).prune_config().round_to == 8
+    with pytest.raises(ConfigError, match="does not run int8"):
+        RecipeConfig(profile="nano-4gb", quantize="int8")
+    with pytest.raises(ConfigError, match="drop --target"):
+        RecipeConfig(profile="orin-nano-8gb", target="ort-cpu")
 
 
 def test_arch_opt_merges_over_the_recipe_student_kwargs(tmp_path):

@@ -138,7 +138,7 @@ def deploy(
     bundle: Annotated[Path, typer.Argument(help="A NAME.edge bundle (with model.onnx).")],
     to: ToOpt = None,
     hosts: HostsOpt = None,
-    profile: Annotated[str | None, typer.Option(help="Device profile (default: detected on the device).")] = None,
+    profile: Annotated[str | None, typer.Option("--for", "--profile", help="Device profile (default: detected on the device); --profile is the older spelling.")] = None,
     name: Annotated[str | None, typer.Option(help="Deployment name on the device (default: the bundle's).")] = None,
     build_engine: Annotated[bool, typer.Option(help="Build the TensorRT engine on the device with trtexec.")] = False,
     engine_precision: Annotated[str | None, typer.Option(help="fp32, fp16 or int8 (default from the bundle).")] = None,
