@@ -371,9 +371,12 @@ def quantize(
     knn: Any | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    finish: Callable[[Path, QuantizeReport], tuple[Mapping[str, Any], Mapping[str, Path]]] | None = None,
 ) -> tuple[Bundle, QuantizeReport]:
     """Quantize a float bundle's encoder to INT8 (or FP16) and write a new bundle to ``out``.
 
+    ``finish(graph, report)``, when given, returns (lineage settings, extra files) added to the
+    bundle before it is written (re-quantization after adaptation records its own measures).
     ``images``: unlabeled uint8 (N, H, W, 3) for calibration (the first
     ``config.calibration_images``); ``knn``: an ``edge_ssl.compress.measure.KnnData`` for
     ``max_knn_drop``. The new bundle holds ``model.onnx`` = the quantized graph and no
@@ -409,8 +412,12 @@ def quantize(
         metrics = {key: parent.manifest.metrics[key] for key in ("params", "macs") if key in parent.manifest.metrics}
         metrics["quantize"] = report.to_dict()
         metrics["output_check"] = check.to_dict()
+        extra, files = finish(graph, report) if finish is not None else ({}, {})
+        settings.update(extra)
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.copy_file("model.onnx", graph)
+            for name, path in files.items():
+                writer.copy_file(name, path)
             written = writer.commit(
                 name=out.name.removesuffix(".edge"), encoder=parent.manifest.encoder,
                 lineage=parent.child_lineage("quantize", settings),

@@ -10,8 +10,9 @@ import numpy as np
 
 from edge_ssl.adapt.config import AdaptConfig
 from edge_ssl.adapt.inputs import AdaptEvent, AdaptResult, check_bank, check_inputs, check_replay
+from edge_ssl.adapt.requantize import float_out, quantize_entry
 from edge_ssl.adapt.run import run_adaptation
-from edge_ssl.bundle import Bundle
+from edge_ssl.bundle import Bundle, check_bundle_out
 from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import BundleError
 
@@ -51,8 +52,30 @@ def adapt(
         raise BundleError(f"export must be auto, always or never; got {export!r}.")
     bank = check_bank(replay, replay_labels, config, deployed, weights)
     replay = check_replay(replay, config, deployed, weights)
-    return run_adaptation(
-        deployed, weights, data, Path(out), config, resume=resume, overwrite=overwrite,
-        profile_memory_gb=profile_memory_gb, export=export, progress=progress or (lambda e: None),
-        replay=replay, bank=bank,
+    requantized = quantize_entry(deployed) is not None
+    float_path = float_out(Path(out)) if requantized else Path(out)
+    if requantized:
+        check_bundle_out(float_path, overwrite=overwrite or resume)
+    result = run_adaptation(
+        deployed, weights, data, float_path, config, resume=resume, overwrite=overwrite or requantized,
+        profile_memory_gb=profile_memory_gb, export="never" if requantized else export,
+        progress=progress or (lambda e: None), replay=replay, bank=bank,
     )
+    if requantized:
+        _requantize(result, deployed, data, Path(out), overwrite=overwrite, bank=bank, progress=progress)
+    return result
+
+
+def _requantize(result: AdaptResult, deployed: Bundle, data: ImageDataset, out: Path, *,
+                overwrite: bool, bank: tuple[np.ndarray, np.ndarray] | None,
+                progress: Callable[[AdaptEvent], None] | None) -> None:
+    """Replace ``result.bundle`` (the adapted float weights) by its re-quantized child at ``out``."""
+    from edge_ssl.adapt.requantize import requantize
+
+    if progress is not None:
+        progress(AdaptEvent("write", result.steps_done, result.steps_done,
+                            message=f"re-quantizing to {deployed.manifest.precision} like the deployed bundle"))
+    written, measured = requantize(deployed, result.bundle, data.images, out, overwrite=overwrite, bank=bank)
+    result.metrics["requantize"] = measured
+    result.export = {**result.export, "requantize": measured, "float_weights": str(result.bundle.path)}
+    result.bundle = written

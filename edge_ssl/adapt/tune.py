@@ -326,6 +326,19 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
     """A copy of ``bundle`` (every file, same manifest fields) with ``adapt_settings.json``,
     the replay images when the result has them (``adapt_replay.npz``) and an ``adapt-tune``
     lineage entry; written atomically, the input is never touched."""
+    payload = {"source": "edge-ssl adapt-tune", **result.to_dict()}
+    lineage = {"settings": result.settings(),
+               "chosen": {k: v for k, v in result.choice.items() if k != "corruptions"},
+               "config": config_to_dict(result.config), "images": dict(result.images)}
+    return write_with_settings(bundle, payload, result.replay, result.replay_labels, lineage, out,
+                               overwrite=overwrite)
+
+
+def write_with_settings(bundle: Bundle, payload: Mapping[str, Any], replay: np.ndarray | None,
+                        labels: np.ndarray | None, lineage_settings: Mapping[str, Any], out: Any, *,
+                        overwrite: bool = False, name: str | None = None) -> Bundle:
+    """``bundle``'s files and manifest plus ``adapt_settings.json`` (``payload``, whose
+    ``settings`` adapt reads) and the replay images, under an ``adapt-tune`` lineage entry."""
     from edge_ssl.adapt.replay import REPLAY_FILE, replay_bytes
 
     out = Path(out)
@@ -333,19 +346,15 @@ def write_tuned(bundle: Bundle, result: TuneResult, out: Any, *, overwrite: bool
         raise BundleError(f"--out {out} is the input bundle; tuning writes a new bundle.")
     check_bundle_out(out, overwrite=overwrite)
     manifest = bundle.manifest
-    payload = {"source": "edge-ssl adapt-tune", **result.to_dict()}
     with BundleWriter(out, overwrite=overwrite) as writer:
         for name in manifest.files:
             if name not in (SETTINGS_FILE, REPLAY_FILE):  # both replaced by this tuning
                 writer.copy_file(name, bundle.file(name))
-        writer.write_json(SETTINGS_FILE, payload)
-        if result.replay is not None:
-            writer.write_bytes(REPLAY_FILE, replay_bytes(result.replay, result.replay_labels))
-        lineage = bundle.child_lineage("adapt-tune", {
-            "settings": result.settings(),
-            "chosen": {k: v for k, v in result.choice.items() if k != "corruptions"},
-            "config": config_to_dict(result.config), "images": dict(result.images)})
-        return writer.commit(name=out.name.removesuffix(".edge"), encoder=manifest.encoder,
+        writer.write_json(SETTINGS_FILE, dict(payload))
+        if replay is not None:
+            writer.write_bytes(REPLAY_FILE, replay_bytes(replay, labels))
+        lineage = bundle.child_lineage("adapt-tune", dict(lineage_settings))
+        return writer.commit(name=name or out.name.removesuffix(".edge"), encoder=manifest.encoder,
                              lineage=lineage, precision=manifest.precision, metrics=manifest.metrics)
 
 
