@@ -32,9 +32,10 @@ def check_bundle_out(out: str | os.PathLike, *, overwrite: bool = False, flag: s
     that is not a bundle is never replaced. Its parent folder must be writable.
     """
     out = Path(out)
-    if out.exists() and not (out.is_dir() and (out / "manifest.json").is_file()):
+    is_bundle = out.is_dir() and (out / "manifest.json").is_file()
+    if out.exists() and not is_bundle:
         raise OutputExistsError(
-            f"{flag} {out} exists and is not a bundle; refusing to replace it (even with "
+            f"{flag} {out} already exists and is not a bundle; refusing to replace it (even with "
             f"--overwrite). Choose another {flag}."
         )
     if out.exists() and not overwrite:
