@@ -41,6 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="training device (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--skip-inc", action="store_true", help="do not run the neural-compressor comparison")
+    parser.add_argument("--for", dest="profile", default=None, metavar="PROFILE",
+                        help="device profile (e.g. orin-nano-8gb): every stage row gets the latency "
+                             "PREDICTED for it with its interval, beside the host numbers")
+    parser.add_argument("--precision", default="int8", choices=("int8", "fp16"),
+                        help="the board precision of the final stage (with --for)")
+    parser.add_argument("--max-latency-ms", type=float, default=None,
+                        help="with --for: search the student width and prune ratio that fit this "
+                             "predicted budget before training (candidates in the JSON)")
     parser.add_argument("--distill-cache-views", type=int, default=None, metavar="N",
                         help="fixed views per image the distillation caches (default: 2; pruning's "
                              "recovery keeps 2)")
@@ -130,6 +138,45 @@ class Meter:
         return {"load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
+def add_board(rows: list[dict[str, Any]], profile: str | None) -> None:
+    """Each row's latency PREDICTED for ``profile`` (float stages in FP16, a quantized one in its
+    precision), labelled so, beside the host's measured ORT-CPU numbers."""
+    if profile is None:
+        return
+    from edge_ssl.devices.predict import predict_onnx
+
+    for row in rows:
+        precision = row["precision"] if row["precision"] in ("int8", "fp16") else "fp16"
+        predicted = predict_onnx(row["_graph"], profile, precision=precision, batch=1)
+        row.update({"board": predicted.device, "board_kind": "predicted-for-board",
+                    "board_precision": precision, "board_ms_b1": predicted.predicted_ms,
+                    "board_interval_ms_b1": list(predicted.interval_ms),
+                    "board_calibration": str(predicted.calibration),
+                    "launch_bound_share": predicted.launch_bound_share,
+                    "host_kind": "measured-host (onnxruntime CPU on this machine)"})
+        log(f"{row['name']:10s} {profile} {precision}: {predicted.predicted_ms:.3f} ms "
+            f"[{predicted.interval_ms[0]:.3f}-{predicted.interval_ms[1]:.3f}] (predicted)")
+
+
+def board_search(args: argparse.Namespace, teacher: Any, width: float) -> tuple[float, float, Any]:
+    """(width, prune ratio, search) chosen for the --for budget before training; the student
+    stays resnet18_cifar (init=teacher needs the teacher's architecture)."""
+    if args.profile is None or args.max_latency_ms is None:
+        return width, 0.5, None
+    from edge_ssl.compress.prune import board_round_to
+    from edge_ssl.compress.search import candidate_specs, candidates_table, search
+
+    spec = teacher.manifest.encoder
+    specs = candidate_specs(spec, "resnet18_cifar", {}, same_arch_only=True)
+    found = search(spec, specs, args.profile, args.precision, args.max_latency_ms,
+                   round_to=board_round_to(args.profile, args.precision), prune_ratios=(0.3, 0.5), log=log)
+    for line in [*candidates_table(found), *found.notes]:
+        log(line)
+    if found.chosen is None:
+        raise SystemExit(f"no candidate fits {args.max_latency_ms} ms on {args.profile}: {found.notes}")
+    return float(found.chosen.spec.kwargs["width"]), found.chosen.spec.prune or 0.0, found
+
+
 def public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
@@ -206,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_ssl.compress.distill import DistillConfig, distill
     from edge_ssl.compress.inc import inc_available
     from edge_ssl.compress.measure import KnnData
-    from edge_ssl.compress.prune import PruneConfig, prune
+    from edge_ssl.compress.prune import PruneConfig, board_round_to, prune
     from edge_ssl.compress.quantize import QuantizeConfig, quantize
 
     from edge_ssl.bundle import Bundle
@@ -223,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {len(unlabeled)} unlabeled, bank {len(bank)}, test {len(test)}; work dir {workdir}")
 
     rows = [meter.row("teacher", teacher)]
+    width, prune_ratio, found = board_search(args, teacher, settings["width"])
+    settings = {**settings, "width": width, "prune_ratio": prune_ratio}
     student_kwargs = {"width": settings["width"]}
     t0 = time.perf_counter()
     distilled = distill(teacher, DistillConfig(
@@ -240,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ssl_row = meter.row("ssl_alone", baseline)
 
     t0 = time.perf_counter()
-    pruned = prune(distilled.bundle, PruneConfig(
-        ratio=0.5, importance=settings["prune_importance"], recovery_epochs=settings["recovery_epochs"],
+    round_to = 8 if args.profile is None else board_round_to(args.profile, args.precision)
+    pruned = distilled.bundle if not prune_ratio else prune(distilled.bundle, PruneConfig(
+        ratio=prune_ratio, importance=settings["prune_importance"], recovery_epochs=settings["recovery_epochs"],
+        round_to=round_to,
         batch_size=min(64, settings["batch_size"]), device=args.device,
         recovery={"cache_views": settings["cache_views"], "batch_size": settings["batch_size"]},
     ), unlabeled, workdir / "2-prune.edge", overwrite=True).bundle
@@ -250,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     quantized, report = quantize(pruned, QuantizeConfig(
-        target="ort-cpu", calibration="minmax", calibration_images=settings["calibration_images"],
+        target="ort-cpu" if args.profile is None else "tensorrt", precision=args.precision if args.profile else "int8",
+        calibration="minmax", calibration_images=settings["calibration_images"],
         min_cosine=0.98, max_fallback=4,
     ), unlabeled.images, workdir / "3-int8.edge", overwrite=True, log=log)
     timings["quantize_s"] = time.perf_counter() - t0
@@ -258,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("latency: every stage back to back")
     latency_conditions = meter.latencies([*rows, ssl_row])
+    add_board([*rows, ssl_row], args.profile)
     fp32, int8, first = rows[2], rows[3], rows[0]
     summary: dict[str, Any] = {
         "speedup_b1": first["ort_cpu_ms_b1"] / int8["ort_cpu_ms_b1"],
@@ -287,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": {**public(rows[0]), "path": str(args.teacher)},
         "stages": [public(row) for row in rows[1:]],
         "ssl_alone": public(ssl_row),
+        "board": None if args.profile is None else {
+            "profile": args.profile, "precision": args.precision, "max_latency_ms": args.max_latency_ms,
+            "chosen_fits": None if found is None else rows[-1]["board_ms_b1"] <= args.max_latency_ms,
+            "search": None if found is None else found.to_dict()},
+        "candidates": None if found is None else found.to_dict()["candidates"],
         "latency_conditions": latency_conditions,
         "summary": summary,
         "final_bundle": {"path": int8["bundle"], "manifest_sha256": int8["manifest_sha256"]},
