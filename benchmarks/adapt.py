@@ -110,13 +110,13 @@ def load_split(data: Path, quick: bool) -> dict[str, np.ndarray]:
             "eval_y": y[half : half + size], "bank_x": bank_x, "bank_y": bank_y}
 
 
-def replay_from_bank(split: dict[str, np.ndarray], count: int, seed: int) -> np.ndarray:
-    """``count`` clean replay images drawn at random from the train bank: never one of the
-    test images the benchmark scores."""
+def replay_from_bank(split: dict[str, np.ndarray], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` clean replay images and their labels drawn at random from the train bank:
+    never one of the test images the benchmark scores (the labels make them the guard's bank)."""
     if count > len(split["bank_x"]):
         raise SystemExit(f"--replay {count}: the bank has only {len(split['bank_x'])} images.")
-    pick = np.random.default_rng(seed).choice(len(split["bank_x"]), count, replace=False)
-    return split["bank_x"][np.sort(pick)]
+    pick = np.sort(np.random.default_rng(seed).choice(len(split["bank_x"]), count, replace=False))
+    return split["bank_x"][pick], split["bank_y"][pick]
 
 
 def swap_halves(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,10 +179,16 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     shifted = knn(deployed, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
     started = time.perf_counter()
     result = adapt(args.bundle, ImageDataset(adapt_x, None, None, f"{name}-{args.severity}"),
-                   workdir / f"{name}.edge", config, export="never", replay=split.get("replay_x"))
+                   workdir / f"{name}.edge", config, export="never", replay=split.get("replay_x"),
+                   replay_labels=split.get("replay_y"))
     seconds = time.perf_counter() - started
     adapted_encoder = load_encoder(result.bundle)
+    candidates = {n: knn(m, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
+                  for n, m in result.candidates.items()}  # what each of the guard's choices scores
     return {
+        "kept": None if result.selection is None else result.selection["kept"],
+        "selection": result.selection, "candidates_knn": candidates,
+        "best_candidate": max(candidates, key=candidates.get) if candidates else None,
         "shifted": shifted,
         "adapted": knn(adapted_encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
         "clean_after": knn(adapted_encoder, *bank, split["eval_x"], split["eval_y"], args.knn_k,
@@ -252,7 +258,12 @@ def summarize(rows: dict[str, dict], clean: float, eval_images: int) -> dict[str
     significant = [v for n, v in ratios.items() if clean - rows[n]["shifted"] > floor]
     drops = [100 * (clean - r["clean_after"]) for r in rows.values()]
     steps = [r["sec_per_step"] for r in rows.values() if r["sec_per_step"]]
+    kept = [r.get("kept") for r in rows.values() if r.get("kept")]
     return {"recovery_frac": float(np.mean(list(ratios.values()))) if ratios else None,
+            "worst_vs_unadapted_pts": float(min(100 * (r["adapted"] - r["shifted"]) for r in rows.values())),
+            "guard_kept": {name: kept.count(name) for name in ("unadapted", "adabn", "adapted")} if kept else None,
+            "guard_kept_best": (sum(r.get("kept") == r.get("best_candidate") for r in rows.values())
+                                if kept else None),
             "recovery_frac_significant": float(np.mean(significant)) if significant else None,
             "significant_gap_floor": float(floor),
             "clean_drop_pts": float(np.mean(drops)),
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args.bn_priors = priors_to_measure(args.bn_priors, config.bn_prior)
     split = load_split(args.data, args.quick)
     if args.replay:
-        split["replay_x"] = replay_from_bank(split, args.replay, args.seed)
+        split["replay_x"], split["replay_y"] = replay_from_bank(split, args.replay, args.seed)
     deployed = load_encoder(bundle)
     bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
     parts = [split, swap_halves(split)] if args.swap_halves else [split]
@@ -327,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "corruptions": {n: {k: v for k, v in r.items() if k != "_images"} for n, r in rows.items()},
+        "bundle_manifest_sha256": bundle.manifest_sha256,
         **summarize(rows, clean, eval_images),
         "folds": ([summarize(f, c, len(split["eval_x"])) for f, c in zip(folds, cleans, strict=True)]
                   if len(folds) > 1 else None),

@@ -81,9 +81,8 @@ def _chosen_text(tuned: Any) -> str:
 def _defaults(encoder: Any, data: Any, reason: str
               ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any]]:
     """The package BN defaults and the replay step settings, with class-balanced replay images."""
-    from edge_ssl.adapt.config import AdaptConfig
     from edge_ssl.adapt.bn import batch_norms
-    from edge_ssl.adapt.config import MIN_BATCH
+    from edge_ssl.adapt.config import MIN_BATCH, AdaptConfig
     from edge_ssl.adapt.replay import REPLAY_STEP_SETTINGS, replay_indices
 
     base = AdaptConfig()

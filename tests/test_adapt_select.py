@@ -122,3 +122,14 @@ def test_without_a_labeled_bank_the_criterion_is_view_consistency(digits, deploy
     assert selection["criterion"] == "view_consistency"
     assert set(selection["scores"]) == {"unadapted", "adabn", "adapted"}
     assert selection["kept"] in ("unadapted", "adabn")  # bn-stats: adapted is AdaBN, a tie keeps the simpler
+
+
+def test_the_step_cost_is_measured_here_and_predicted_for_the_board(digits, deployed, tmp_path):
+    images, _ = digits
+    result = adapt(deployed, ImageDataset(images[:200], None, None, "digits"), tmp_path / "a.edge",
+                   AdaptConfig(trainable="lora", **FAST), export="never", profile="orin-nano-8gb")
+    cost = result.bundle.manifest.metrics["adapt"]["device_cost"]
+    assert cost["measured_host"]["sec_per_step"] > 0 and cost["measured_host"]["peak_step_mb"] > 0
+    predicted = cost["predicted"]
+    assert predicted["kind"] == "predicted" and "error" not in predicted, predicted
+    assert predicted["sec_per_step"] > 0 and predicted["images_per_step"] == 16

@@ -105,9 +105,10 @@ def test_replay_images_come_from_the_bank_and_never_from_the_test_halves():
              "eval_x": rng.integers(0, 255, (8, 4, 4, 3), dtype=np.uint8),
              "bank_x": np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=3),
              "bank_y": np.repeat(np.arange(4), 10)}
-    replay = replay_from_bank(split, 8, seed=0)
+    replay, labels = replay_from_bank(split, 8, seed=0)
     drawn = replay[:, 0, 0, 0]
     assert len(set(drawn.tolist())) == 8 and set(drawn.tolist()) <= set(range(40))  # bank images only
-    assert np.array_equal(replay, replay_from_bank(split, 8, seed=0))  # seeded
+    assert np.array_equal(labels, split["bank_y"][drawn])  # each with its own label
+    assert np.array_equal(replay, replay_from_bank(split, 8, seed=0)[0])  # seeded
     with pytest.raises(SystemExit, match="only 40"):
         replay_from_bank(split, 41, seed=0)

@@ -32,6 +32,7 @@ def adapt(
     progress: Callable[[AdaptEvent], None] | None = None,
     replay: np.ndarray | None = None,
     replay_labels: np.ndarray | None = None,
+    profile: str | None = None,
 ) -> AdaptResult:
     """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
 
@@ -46,6 +47,7 @@ def adapt(
     ``edge-ssl adapt-tune`` recorded in the bundle, as the CLI does.
     ``replay_labels``: labels of ``replay`` (default: the bundle's, when its replay file has
     them); with them the replay images are the labeled bank that ``keep_best`` scores against.
+    ``profile``: a device profile name; the step's time on it is PREDICTED into the metrics.
     """
     deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
     if export not in ("auto", "always", "never"):
@@ -59,7 +61,7 @@ def adapt(
     result = run_adaptation(
         deployed, weights, data, float_path, config, resume=resume, overwrite=overwrite or requantized,
         profile_memory_gb=profile_memory_gb, export="never" if requantized else export,
-        progress=progress or (lambda e: None), replay=replay, bank=bank,
+        progress=progress or (lambda e: None), replay=replay, bank=bank, profile=profile,
     )
     if requantized:
         _requantize(result, deployed, data, Path(out), overwrite=overwrite, bank=bank, progress=progress)

@@ -331,7 +331,7 @@ def run_adaptation(
     deployed: Bundle, weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, *,
     resume: bool, overwrite: bool, profile_memory_gb: float | None, export: str,
     progress: Callable[[AdaptEvent], None], replay: np.ndarray | None = None,
-    bank: tuple[np.ndarray, np.ndarray] | None = None,
+    bank: tuple[np.ndarray, np.ndarray] | None = None, profile: str | None = None,
 ) -> AdaptResult:
     """The stage body behind :func:`edge_ssl.adapt.api.adapt` (inputs already checked).
     ``bank``: labeled clean images for choosing the kept weights (edge_ssl.adapt.select)."""
@@ -361,6 +361,12 @@ def run_adaptation(
     step_mb = run.peak_step_mb if device.type == "cuda" else run.plan.expected_mb
     adapt_metrics = _adapt_metrics(run, device, step_mb, held, agreement)
     adapt_metrics["selection"] = None if selection is None else selection.to_dict()
+    from edge_ssl.adapt.cost import step_cost
+
+    seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
+    adapt_metrics["device_cost"] = step_cost(
+        encoder_cpu, seconds_per_step=seconds, peak_step_mb=adapt_metrics["peak_step_mb"],
+        batch=run.batch, views=2, profile=profile) if run.step_seconds else None
     settings = lineage_settings(config, data, run.plan.to_dict(), {
         "steps_done": run.step, "peak_step_mb": adapt_metrics["peak_step_mb"],
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],
@@ -383,7 +389,6 @@ def run_adaptation(
                                metrics, overwrite=overwrite, extra_files=extra_files,
                                weights=weights, images=data.images)
     shutil.rmtree(checkpoint_path(out).parent, ignore_errors=True)
-    seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
     return AdaptResult(bundle, run.plan.to_dict(), run.step, run.stopped, run.health_before,
                        embedding_health(held), agreement, step_mb, seconds, run.history,
                        run.guard, export_info, adapt_metrics["selection"],

@@ -85,11 +85,15 @@ def adapt(
     dataset = load_images(data_source(data), limit=limit)
     replay = load_images(str(replay_data)).images if replay_data is not None else None
     console = stderr_console()
+    if not _has_settings(bundle) and not as_json:
+        console.print("note: this bundle has no adapt_settings.json (imported, or compressed without "
+                      "labels): package defaults, and the best of unadapted / AdaBN alone / adapted is "
+                      "kept. `edge-ssl adapt-tune` would choose settings for it.")
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
     result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
                        profile_memory_gb=_profile_memory_gb(profile, target),
                        export="always" if target and export == "auto" else export,
-                       progress=_printer(console, as_json), replay=replay)
+                       progress=_printer(console, as_json), replay=replay, profile=profile)
     report = result.to_dict()
     if target is not None:
         report["deploy"] = _deploy(result.bundle.path, target, bundle, profile)
@@ -120,6 +124,17 @@ def _with_bundle_settings(bundle: Path, settings: dict[str, Any], config: Any) -
     except (BundleError, OSError):
         return config
     return adapt_config_for(opened, settings)
+
+
+def _has_settings(bundle: Path) -> bool:
+    from edge_ssl.adapt.tune import settings_file
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.errors import BundleError
+
+    try:
+        return settings_file(Bundle.open(bundle, verify=False)) is not None
+    except (BundleError, OSError):
+        return True  # adaptation's own check names the problem
 
 
 def _pass_through(settings: dict[str, Any], opt: list[str] | None, limit: int | None) -> list[str]:
@@ -190,6 +205,9 @@ def _summary(console: Any, result: Any, deploy: Any) -> None:
     )
     if result.stopped:
         console.print(f"stopped early: {result.stopped}")
+    if result.selection:
+        console.print(f"kept: {result.selection['kept']} (of unadapted / AdaBN alone / adapted, by "
+                      f"{result.selection['criterion']} on the held-back images)")
     if deploy:
         console.print(f"deployed version {deploy['version']} (previous {deploy['previous']}, kept for rollback)")
 
