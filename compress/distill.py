@@ -20,13 +20,7 @@ from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import DataError
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
-from edge_ssl.outputs import check_bundle_out
-
-
-def checkpoint_dir(out: str | os.PathLike) -> Path:
-    """``NAME.edge`` -> ``NAME.edge.ckpt/``: the resumable checkpoint and teacher cache."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
+from edge_ssl.outputs import check_bundle_out, checkpoint_dir
 
 
 def check_pairing(teacher_spec: Any, student_spec: Any) -> None:

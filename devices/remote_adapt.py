@@ -43,7 +43,7 @@ from edge_ssl.bundle import (
     unpack_bundle,
 )
 from edge_ssl.lineage import require_float_weights
-from edge_ssl.outputs import check_bundle_out
+from edge_ssl.outputs import check_bundle_out, move_into_place
 
 #: Printed by the device's Python: proves it can run adaptation and says with what.
 PROBE = ("import json, sys, torch, edge_ssl; print(json.dumps({'python': sys.version.split()[0], "
@@ -171,13 +171,7 @@ def fetch_bundle(target: Target, remote_dir: str, out: Path, *, overwrite: bool)
         target.save_output(["tar", "-cf", "-", "-C", parent, base], tar, timeout=3600)
         fetched = unpack_bundle(tar, work / "unpacked")
         check_bundle_out(out, overwrite=overwrite)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(fetched.path, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place({fetched.path: out})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Bundle.open(out, verify=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_ssl.environment import describe_environment
 from edge_ssl.errors import BundleError, BundleIntegrityError
-from edge_ssl.outputs import check_bundle_out
+from edge_ssl.outputs import check_bundle_out, move_into_place
 from edge_ssl.spec import EncoderSpec, InputSpec
 
 SCHEMA_VERSION = 1
@@ -357,18 +357,10 @@ class BundleWriter:
         return Bundle(self.out, manifest, hashlib.sha256(raw).hexdigest())
 
     def _swap_into_place(self) -> None:
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, old)
         try:
-            os.replace(self.tmp, self.out)
+            move_into_place({self.tmp: self.out})
         except OSError as exc:
-            if old is not None:
-                os.replace(old, self.out)
             raise BundleError(f"could not move the new bundle into {self.out}: {exc}") from exc
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_encoder_bundle(

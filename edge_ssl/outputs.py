@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -42,3 +43,35 @@ def check_bundle_out(out: str | os.PathLike, *, overwrite: bool = False, flag: s
         raise OutputExistsError(f"{out} already exists; choose another {flag} or pass --overwrite.")
     require_writable_dir(out.parent, flag)
     return out
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """Where a stage writing ``out`` keeps what it needs to resume: ``NAME.edge.ckpt/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def move_into_place(sources: dict[Path, Path]) -> None:
+    """Rename each finished ``source`` to its destination, in the destination's folder.
+
+    Earlier destinations are moved aside first and removed only once every new one is in
+    place; if a rename fails, the ones done are undone and the earlier ones put back, so a
+    reader sees the old set or the new one, never a mix.
+    """
+    aside: dict[Path, Path] = {}
+    done: list[Path] = []
+    try:
+        for source, dest in sources.items():
+            if dest.exists():
+                aside[dest] = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(dest, aside[dest])
+            os.replace(source, dest)
+            done.append(dest)
+    except OSError:
+        for dest in done:
+            shutil.rmtree(dest, ignore_errors=True)
+        for dest, old in aside.items():
+            os.replace(old, dest)
+        raise
+    for old in aside.values():
+        shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ from edge_ssl.errors import BundleError, DataError
 from edge_ssl.evaluate import EmbeddingHealth
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
-from edge_ssl.outputs import check_bundle_out
+from edge_ssl.outputs import check_bundle_out, checkpoint_dir
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class AdaptResult:
 def checkpoint_path(out: str | os.PathLike) -> Path:
     """Where a run writing ``out`` keeps its periodic checkpoint: ``OUT.ckpt/adapt.pt``."""
     out = Path(out)
-    return out.with_name(out.name + ".ckpt") / "adapt.pt"
+    return checkpoint_dir(out) / "adapt.pt"
 
 
 def data_fingerprint(images: np.ndarray) -> str:

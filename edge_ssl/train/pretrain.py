@@ -21,6 +21,7 @@ from edge_ssl.config import (
 )
 from edge_ssl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from edge_ssl.output_check import write_stage_bundle
+from edge_ssl.outputs import checkpoint_dir
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 CHECKPOINT_NAME = "last.pt"
@@ -131,12 +132,6 @@ class PretrainResult:
     epochs_run: int
     images_per_second: float
     history: list[dict[str, float]]
-
-
-def checkpoint_dir(out: str | os.PathLike) -> Path:
-    """Where a run keeps its resumable checkpoint: ``NAME.edge`` -> ``NAME.edge.ckpt/``."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
 
 
 # --------------------------------------------------------------------------- checks before work
