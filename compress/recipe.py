@@ -561,7 +561,12 @@ def aim_at_board(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset,
     from dataclasses import replace
 
     from edge_ssl.compress.prune import board_round_to
-    from edge_ssl.compress.search import LatencyBudgetError, candidate_specs, candidates_table, search
+    from edge_ssl.compress.search import (
+        LatencyBudgetError,
+        candidate_specs,
+        candidates_table,
+        search,
+    )
 
     if recipe.profile is None or recipe.max_latency_ms is None or not recipe.search:
         return recipe, None
