@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edge_ssl.bundle import Bundle, BundleWriter
-from edge_ssl.config import check_choice, config_from_dict, config_to_dict
+from edge_ssl.config import check_choice, check_int, check_number, config_from_dict, config_to_dict
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
 from edge_ssl.lineage import require_float_weights
@@ -103,16 +103,14 @@ class QuantizeConfig:
         check_choice("QuantizeConfig", "precision", self.precision, PRECISIONS)
         check_choice("QuantizeConfig", "target", self.target, tuple(TARGETS))
         check_choice("QuantizeConfig", "calibration", self.calibration, CALIBRATION_METHODS)
-        for name in ("calibration_images", "sensitivity_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"QuantizeConfig.{name} must be an integer >= 1; got {value!r}.")
-        if self.max_fallback < 0:
-            raise ConfigError(f"QuantizeConfig.max_fallback must be >= 0; got {self.max_fallback}.")
-        if self.min_cosine is not None and not 0 < self.min_cosine <= 1:
-            raise ConfigError(f"QuantizeConfig.min_cosine must be in (0, 1]; got {self.min_cosine}.")
-        if self.max_knn_drop is not None and self.max_knn_drop < 0:
-            raise ConfigError(f"QuantizeConfig.max_knn_drop must be >= 0 (points); got {self.max_knn_drop}.")
+        owner = "QuantizeConfig"
+        for name in ("calibration_images", "sensitivity_images", "opset"):
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "max_fallback", self.max_fallback, minimum=0)
+        if self.min_cosine is not None:
+            check_number(owner, "min_cosine", self.min_cosine, 0, 1, low_open=True)
+        if self.max_knn_drop is not None:
+            check_number(owner, "max_knn_drop", self.max_knn_drop, 0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QuantizeConfig:
@@ -406,12 +404,9 @@ def quantize(
         else:
             graph, report = _int8_graph(encoder, reader, images, config, folder, knn, log)
         check = _check_result(graph, report, encoder, images)
-        settings = config_to_dict(config) | {"calibration_images_used": len(images)}
-        if config.precision == "int8":
-            settings["reduce_range"] = uses_reduce_range(TARGETS[config.target])
+        settings = _settings(config, len(images))
         metrics = {key: parent.manifest.metrics[key] for key in ("params", "macs") if key in parent.manifest.metrics}
-        metrics["quantize"] = report.to_dict()
-        metrics["output_check"] = check.to_dict()
+        metrics |= {"quantize": report.to_dict(), "output_check": check.to_dict()}
         extra, files = finish(graph, report) if finish is not None else ({}, {})
         settings.update(extra)
         with BundleWriter(out, overwrite=overwrite) as writer:
@@ -424,6 +419,13 @@ def quantize(
                 precision=config.precision, metrics=metrics,
             )
     return written, report
+
+
+def _settings(config: QuantizeConfig, images_used: int) -> dict[str, Any]:
+    settings = config_to_dict(config) | {"calibration_images_used": images_used}
+    if config.precision == "int8":
+        settings["reduce_range"] = uses_reduce_range(TARGETS[config.target])
+    return settings
 
 
 def _check_result(graph: Path, report: QuantizeReport, encoder: Any, images: np.ndarray) -> Any:

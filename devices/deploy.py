@@ -16,6 +16,7 @@ from edge_ssl.devices.profiles import DeviceProfile, get_profile, match_profile
 from edge_ssl.devices.target import DiskFullError, Target, TargetConnectionError
 
 from edge_ssl.bundle import MANIFEST_NAME, WEIGHTS_NAME, Bundle, sha256_file
+from edge_ssl.config import check_choice, check_flag, check_int, check_positive
 from edge_ssl.errors import ConfigError, EdgeSSLError
 
 #: engines/<device>_sm<cc>_trt<version>_<precision>.plan (the bundle convention).
@@ -45,12 +46,14 @@ class DeployOptions:
     ship_weights: bool = False  # also send model.pt (only useful to adapt on the device)
 
     def __post_init__(self) -> None:
-        if self.keep < 2:
-            raise ConfigError(f"--keep must be >= 2 so a rollback target exists; got {self.keep}.")
+        check_int("DeployOptions", "keep", self.keep, minimum=2)  # a rollback target exists
+        check_flag("DeployOptions", "build_engine", self.build_engine)
+        check_flag("DeployOptions", "ship_weights", self.ship_weights)
+        check_positive("DeployOptions", build_timeout_s=self.build_timeout_s)
         if self.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
             raise ConfigError(f"deployment name {self.name!r} must be letters, digits, '.', '_' or '-'.")
-        if self.engine_precision not in (None, "fp32", "fp16", "int8"):
-            raise ConfigError(f"--engine-precision must be fp32, fp16 or int8; got {self.engine_precision!r}.")
+        if self.engine_precision is not None:
+            check_choice("DeployOptions", "engine_precision", self.engine_precision, ("fp32", "fp16", "int8"))
 
 
 @dataclass

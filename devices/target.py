@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge_ssl.config import check_flag, check_positive
 from edge_ssl.errors import ConfigError, EdgeSSLError
 
 AGENT_DIR = "agent"
@@ -57,8 +58,9 @@ class SSHSettings:
     remote_root: str | None = None  # default: ~/.edge-ssl on the device
 
     def __post_init__(self) -> None:
-        if self.connect_timeout_s <= 0 or self.command_timeout_s <= 0:
-            raise ConfigError("SSH timeouts must be > 0 seconds.")
+        check_positive("SSHSettings", connect_timeout_s=self.connect_timeout_s,
+                       command_timeout_s=self.command_timeout_s)
+        check_flag("SSHSettings", "accept_new_host", self.accept_new_host)
         if self.ssh_config and not Path(self.ssh_config).is_file():
             raise ConfigError(f"--ssh-config {self.ssh_config!r} does not exist.")
 

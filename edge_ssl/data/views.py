@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from edge_ssl.config import check_int, check_number
 from edge_ssl.data import view_ops
 from edge_ssl.errors import ConfigError, DataError
 from edge_ssl.registry import did_you_mean
@@ -54,24 +55,15 @@ class ViewConfig:
     local_scale: tuple[float, float] = (0.05, 0.4)
 
     def __post_init__(self) -> None:
+        owner = "ViewConfig"
         for name in ("crop_scale", "blur_p", "solarize_p", "local_scale"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2:
                 raise ConfigError(f"ViewConfig.{name} must be a pair of numbers; got {value!r}.")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        for name in ("size", "local_crops", "local_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"ViewConfig.{name} must be an integer; got {value!r}.")
-        if self.size <= 0:
-            raise ConfigError(f"ViewConfig.size must be > 0 pixels; got {self.size}.")
-        if self.local_crops < 0:
-            raise ConfigError(f"ViewConfig.local_crops must be >= 0; got {self.local_crops}.")
-        if self.local_size < 0 or (self.local_crops > 0 and self.local_size <= 0):
-            raise ConfigError(
-                f"ViewConfig.local_size must be > 0 pixels when local_crops > 0; got "
-                f"local_size={self.local_size} with local_crops={self.local_crops}."
-            )
+            object.__setattr__(self, name, tuple(check_number(owner, name, v) for v in value))
+        check_int(owner, "size", self.size)
+        check_int(owner, "local_crops", self.local_crops, minimum=0)
+        check_int(owner, "local_size", self.local_size, minimum=1 if self.local_crops else 0)
         for name in ("crop_scale", "local_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
@@ -79,19 +71,14 @@ class ViewConfig:
                     f"ViewConfig.{name} must be (min, max) with 0 < min <= max <= 1 (fractions of "
                     f"the image area); got {(low, high)}."
                 )
-        probabilities = {
-            "flip_p": self.flip_p, "jitter_p": self.jitter_p, "gray_p": self.gray_p,
-            "blur_p[0]": self.blur_p[0], "blur_p[1]": self.blur_p[1],
-            "solarize_p[0]": self.solarize_p[0], "solarize_p[1]": self.solarize_p[1],
-        }
-        for name, p in probabilities.items():
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"ViewConfig.{name} is a probability and must be in [0, 1]; got {p!r}.")
+        for name in ("flip_p", "jitter_p", "gray_p"):
+            check_number(owner, name, getattr(self, name), 0.0, 1.0)
+        for name in ("blur_p", "solarize_p"):
+            for index, p in enumerate(getattr(self, name)):
+                check_number(owner, f"{name}[{index}]", p, 0.0, 1.0)
         for name in ("brightness", "contrast", "saturation"):
-            if not getattr(self, name) >= 0.0:
-                raise ConfigError(f"ViewConfig.{name} must be >= 0; got {getattr(self, name)!r}.")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ConfigError(f"ViewConfig.hue must be in [0, 0.5]; got {self.hue!r}.")
+            check_number(owner, name, getattr(self, name), 0.0)
+        check_number(owner, "hue", self.hue, 0.0, 0.5)
 
 
 # Colour settings per method for large images: (brightness, contrast, saturation, hue).
