@@ -822,28 +822,17 @@ def _publish(rows: list[StageRow], chosen: str, out: Path, work: Path) -> Bundle
 
     Both are renames in ``out``'s folder; the earlier ones are removed only afterwards.
     """
+    from edge_ssl.outputs import move_into_place
+
     stages = stages_dir(out)
     source = Path(next(r.bundle for r in rows if r.name == chosen))
     staged = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     shutil.copytree(source, staged)
-    aside = [_move_aside(stages), _move_aside(out)]
-    os.replace(work, stages)
-    os.replace(staged, out)
-    for old in aside:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    move_into_place({work: stages, staged: out})
     for row in rows:
         if Path(row.bundle).parent == work:
             row.bundle = str(stages / Path(row.bundle).name)
     return Bundle.open(out, verify=True)
-
-
-def _move_aside(path: Path) -> Path | None:
-    if not path.exists():
-        return None
-    aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(path, aside)
-    return aside
 
 
 def choose_stage(rows: list[StageRow], recipe: RecipeConfig) -> tuple[str, bool, str]:

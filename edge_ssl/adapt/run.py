@@ -335,20 +335,10 @@ def run_adaptation(
 ) -> AdaptResult:
     """The stage body behind :func:`edge_ssl.adapt.api.adapt` (inputs already checked).
     ``bank``: labeled clean images for choosing the kept weights (edge_ssl.adapt.select)."""
-    from edge_ssl.models import count_parameters, load_encoder
+    from edge_ssl.models import count_parameters
 
     device = resolve_device(config.device)
-    state = load_checkpoint(checkpoint_path(out), config, data.images, replay) if resume else None
-    torch.manual_seed(config.seed)
-    encoder = load_encoder(weights).to(device)
-    check_alignment(encoder, config)
-    run = AdaptRun(encoder, data, out, config, device, progress, replay)
-    if state is None:
-        budget, source = (config.budget_mb, "--budget-mb") if config.budget_mb else default_budget_mb(
-            profile_memory_gb=profile_memory_gb, device_type=device.type)
-        run.prepare(budget, source)
-    else:
-        run.restore(state)
+    run = _start_run(weights, data, out, config, device, progress, replay, resume, profile_memory_gb)
     run.train()
     steps = config.steps if run.trainable.takes_gradient_steps else 0
     held, agreement = run.finish(steps)
@@ -361,12 +351,8 @@ def run_adaptation(
     step_mb = run.peak_step_mb if device.type == "cuda" else run.plan.expected_mb
     adapt_metrics = _adapt_metrics(run, device, step_mb, held, agreement)
     adapt_metrics["selection"] = None if selection is None else selection.to_dict()
-    from edge_ssl.adapt.cost import step_cost
-
     seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
-    adapt_metrics["device_cost"] = step_cost(
-        encoder_cpu, seconds_per_step=seconds, peak_step_mb=adapt_metrics["peak_step_mb"],
-        batch=run.batch, views=2, profile=profile) if run.step_seconds else None
+    adapt_metrics["device_cost"] = _device_cost(run, encoder_cpu, seconds, adapt_metrics, profile)
     settings = lineage_settings(config, data, run.plan.to_dict(), {
         "steps_done": run.step, "peak_step_mb": adapt_metrics["peak_step_mb"],
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],
@@ -393,6 +379,37 @@ def run_adaptation(
                        embedding_health(held), agreement, step_mb, seconds, run.history,
                        run.guard, export_info, adapt_metrics["selection"],
                        {n: copy.deepcopy(m).cpu() for n, m in candidates.items()}, adapt_metrics)
+
+
+def _start_run(weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, device: torch.device,
+               progress: Callable[[AdaptEvent], None], replay: np.ndarray | None, resume: bool,
+               profile_memory_gb: float | None) -> AdaptRun:
+    """The run, planned within the memory budget or restored from its checkpoint."""
+    from edge_ssl.models import load_encoder
+
+    state = load_checkpoint(checkpoint_path(out), config, data.images, replay) if resume else None
+    torch.manual_seed(config.seed)
+    encoder = load_encoder(weights).to(device)
+    check_alignment(encoder, config)
+    run = AdaptRun(encoder, data, out, config, device, progress, replay)
+    if state is not None:
+        run.restore(state)
+        return run
+    budget, source = (config.budget_mb, "--budget-mb") if config.budget_mb else default_budget_mb(
+        profile_memory_gb=profile_memory_gb, device_type=device.type)
+    run.prepare(budget, source)
+    return run
+
+
+def _device_cost(run: AdaptRun, encoder: Any, seconds: float | None, metrics: dict[str, Any],
+                 profile: str | None) -> dict[str, Any] | None:
+    """The step's cost measured here, and predicted on ``profile``'s board when given."""
+    from edge_ssl.adapt.cost import step_cost
+
+    if not run.step_seconds:
+        return None
+    return step_cost(encoder, seconds_per_step=seconds, peak_step_mb=metrics["peak_step_mb"],
+                     batch=run.batch, views=2, profile=profile)
 
 
 def _keep_best(run: AdaptRun, weights: Bundle, bank: tuple[np.ndarray, np.ndarray] | None,

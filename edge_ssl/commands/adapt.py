@@ -85,10 +85,7 @@ def adapt(
     dataset = load_images(data_source(data), limit=limit)
     replay = load_images(str(replay_data)).images if replay_data is not None else None
     console = stderr_console()
-    if not _has_settings(bundle) and not as_json:
-        console.print("note: this bundle has no adapt_settings.json (imported, or compressed without "
-                      "labels): package defaults, and the best of unadapted / AdaBN alone / adapted is "
-                      "kept. `edge-ssl adapt-tune` would choose settings for it.")
+    _note_missing_settings(console, bundle, as_json)
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
     result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
                        profile_memory_gb=_profile_memory_gb(profile, target),
@@ -101,6 +98,13 @@ def adapt(
         emit_json(report)
         return
     _summary(console, result, report.get("deploy"))
+
+
+def _note_missing_settings(console: Any, bundle: Path, as_json: bool) -> None:
+    if not _has_settings(bundle) and not as_json:
+        console.print("note: this bundle has no adapt_settings.json (imported, or compressed without "
+                      "labels): package defaults, and the best of unadapted / AdaBN alone / adapted is "
+                      "kept. `edge-ssl adapt-tune` would choose settings for it.")
 
 
 def _check_device_run(data: Any, replay_data: Path | None) -> None:
