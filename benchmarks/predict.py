@@ -154,7 +154,7 @@ class Parameters:
     def model(self, theta: np.ndarray):
         from edge_ssl.devices.predict import LatencyModel
 
-        values = dict(zip(self.names, np.exp(theta)))
+        values = dict(zip(self.names, np.exp(theta), strict=False))
         scale = {g: float(values[f"scale:{g}"]) for g in self.gens}
         launch = {g: float(values[f"launch:{g}"]) for g in self.gens}
         hosts = [float(values[f"host:{h}"]) for h in self.hosts]
@@ -163,7 +163,7 @@ class Parameters:
             scale=scale, launch_kcycles=launch, int8_ratio={g: float(values[f"int8:{g}"]) for g in self.int8},
             memory_efficiency=float(values["memory"]),
             host_overhead_ms=math.exp(np.mean(np.log(hosts))) if hosts else 0.0)
-        model.__dict__["hosts"] = dict(zip(self.hosts, hosts))  # per publication, for the fit only
+        model.__dict__["hosts"] = dict(zip(self.hosts, hosts, strict=False))  # per publication, for the fit only
         return model
 
 
@@ -189,7 +189,7 @@ def _priors(params: Parameters, theta: np.ndarray) -> list[float]:
     """Weak pulls that keep what few anchors identify near sensible values (and shared)."""
     from edge_ssl.devices.predict import FAMILY
 
-    values = dict(zip(params.names, theta))
+    values = dict(zip(params.names, theta, strict=False))
     pulls = []
     for name, weight in (("scale", 0.5), ("launch", 0.3)):
         for gen in params.gens:
@@ -246,7 +246,7 @@ def group_intervals(rows: list[Sample], loo_board: list[float]) -> dict[str, dic
     never narrower than the median over all anchors."""
     floor = median_abs(loo_board)
     by_group = defaultdict(list)
-    for s, e in zip(rows, loo_board):
+    for s, e in zip(rows, loo_board, strict=False):
         by_group[s.group].append((s, e))
     groups = {}
     for group, items in sorted(by_group.items()):

@@ -276,8 +276,7 @@ def _rollback_target(root, name, app, current, kept):
     others = [v for v in kept if v != current]
     hint = ("switch to one with --version ({})".format(", ".join(others)) if others else
             "versions beyond deploy's --keep are pruned; deploy with a larger --keep to keep more")
-    raise AgentError("{} has no previous version to roll back to (current: {}); {}.".format(
-        name, current, hint))
+    raise AgentError(f"{name} has no previous version to roll back to (current: {current}); {hint}.")
 
 
 def rollback(root, name, to_version=None):
@@ -293,8 +292,8 @@ def rollback(root, name, to_version=None):
     if to_version is None:
         to_version = _rollback_target(root, name, app, current, kept)
     elif to_version not in kept:
-        raise AgentError("version {} of {} is not on the device; versions kept there: {}. Pass one "
-                         "of them to --version.".format(to_version, name, _describe_kept(kept, current)))
+        raise AgentError(f"version {to_version} of {name} is not on the device; versions kept there: {_describe_kept(kept, current)}. Pass one "
+                         "of them to --version.")
     report = check_version(app, to_version)
     if not report["ok"]:
         raise AgentError(

@@ -162,7 +162,10 @@ def test_quantized_bundle_adapts_from_its_float_parent(parent, tmp_path):
     quantized = _quantized_child(parent, tmp_path / "q.edge")
     result = adapt(quantized, _images(40), tmp_path / "a.edge",
                    AdaptConfig(trainable="bn-stats", **FAST), export="never")
-    entry = result.bundle.manifest.lineage[-1]
+    # the adapted float weights are re-quantized, so the last entry is that quantize stage
+    lineage = result.bundle.manifest.lineage
+    assert lineage[-1].stage == "quantize" and result.bundle.manifest.precision == "int8"
+    entry = next(e for e in reversed(lineage) if e.stage == "adapt")
     assert entry.parent == quantized.manifest_sha256
     assert entry.settings["parent_with_weights"] == str(parent.path)
 

@@ -12,9 +12,9 @@ from edge_ssl.compress.search import (
     measure_candidate,
     search,
 )
-
 from edge_ssl.devices import profiles
 from edge_ssl.devices.profiles import DeviceProfile
+
 from edge_ssl.errors import ConfigError
 from tests.test_compress_fixtures import tiny_dataset, write_tiny_bundle
 
