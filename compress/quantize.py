@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_ssl.bundle import Bundle, BundleWriter
+from edge_ssl.bundle import Bundle, BundleWriter, carried_files
 from edge_ssl.config import check_choice, check_int, check_number, config_from_dict, config_to_dict
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
@@ -411,7 +411,7 @@ def quantize(
         settings.update(extra)
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.copy_file("model.onnx", graph)
-            for name, path in files.items():
+            for name, path in {**carried_files(source), **files}.items():
                 writer.copy_file(name, path)
             written = writer.commit(
                 name=out.name.removesuffix(".edge"), encoder=parent.manifest.encoder,

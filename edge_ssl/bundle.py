@@ -24,6 +24,9 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.pt"
 BUNDLE_SUFFIX = ".edge"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
+#: Files a bundle derived by export or quantize carries over from its parent unchanged: the
+#: adaptation settings and clean replay images that `edge-ssl adapt` reads on the device.
+CARRIED_FILES = ("adapt_settings.json", "adapt_replay.npz")
 _CHUNK = 1 << 20
 
 
@@ -498,3 +501,8 @@ def unpack_bundle(tar_path: str | os.PathLike, dest_dir: str | os.PathLike) -> B
     except (tarfile.TarError, EOFError) as exc:
         raise BundleIntegrityError(f"{source} is not a readable bundle tar: {exc}") from exc
     return Bundle(final, bundle.manifest, bundle.manifest_sha256)
+
+
+def carried_files(bundle: Bundle) -> dict[str, Path]:
+    """The CARRIED_FILES ``bundle`` holds, by name (for export and quantize to copy in)."""
+    return {name: bundle.file(name) for name in CARRIED_FILES if bundle.has(name)}

@@ -286,7 +286,7 @@ def export_bundle(
     ``parity_images``: uint8 NHWC images, data source paths, or None (embedded digits).
     Nothing is written when export or parity fails.
     """
-    from edge_ssl.bundle import Bundle, write_encoder_bundle
+    from edge_ssl.bundle import Bundle, carried_files, write_encoder_bundle
     from edge_ssl.models import load_encoder
 
     _check_export_args(opset, exporter)
@@ -311,7 +311,8 @@ def export_bundle(
             "parity": report.to_dict(), "ops": graph_op_counts(onnx_path)}}
         return write_encoder_bundle(
             out, encoder, lineage=bundle.child_lineage("export", settings), metrics=metrics,
-            extra_files={"model.onnx": onnx_path}, precision="fp16" if fp16 else "fp32",
+            extra_files={"model.onnx": onnx_path, **carried_files(bundle)},
+            precision="fp16" if fp16 else "fp32",
             overwrite=overwrite,
         )
 
