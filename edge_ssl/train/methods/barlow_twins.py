@@ -16,9 +16,7 @@ from edge_ssl.train.methods.base import (
     embedding_std,
     full_precision,
     gather_batch,
-    layer_dims,
     loss_dtype,
-    mlp_head,
     off_diagonal,
 )
 
@@ -112,15 +110,7 @@ class BarlowTwins(SSLMethod):
 
     def __init__(self, encoder: nn.Module, config: BarlowTwinsConfig) -> None:
         super().__init__(encoder, config)
-        self.projector = mlp_head(
-            layer_dims(
-                self.embed_dim,
-                config.projection_hidden_dim,
-                config.projection_dim,
-                config.projection_layers,
-            ),
-            last_bias=False,
-        )
+        self.projector = self.projection_head(last_bias=False)
         self.criterion = BarlowTwinsLoss(config.redundancy_weight)
 
     def forward(

@@ -246,6 +246,14 @@ class SSLMethod(nn.Module):
         """Extra low-resolution crops ``forward`` expects after the global views."""
         return 0
 
+    def projection_head(self, **head_kwargs: Any) -> nn.Module:
+        """The MLP from the embedding to the config's ``projection_dim`` through
+        ``projection_layers`` layers of ``projection_hidden_dim`` (SimCLR, SimSiam, VICReg,
+        Barlow Twins); ``head_kwargs`` go to :func:`mlp_head`."""
+        config = self.config
+        return mlp_head(layer_dims(self.embed_dim, config.projection_hidden_dim,
+                                   config.projection_dim, config.projection_layers), **head_kwargs)
+
     def momentum_update(self, progress: float) -> None:
         """Update target networks after an optimizer step; no target network here."""
         check_progress(progress)

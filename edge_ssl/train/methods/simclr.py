@@ -17,9 +17,7 @@ from edge_ssl.train.methods.base import (
     embedding_std,
     full_precision,
     gather_batch,
-    layer_dims,
     loss_dtype,
-    mlp_head,
     rank,
 )
 
@@ -107,14 +105,7 @@ class SimCLR(SSLMethod):
 
     def __init__(self, encoder: nn.Module, config: SimCLRConfig) -> None:
         super().__init__(encoder, config)
-        self.projector = mlp_head(
-            layer_dims(
-                self.embed_dim,
-                config.projection_hidden_dim,
-                config.projection_dim,
-                config.projection_layers,
-            )
-        )
+        self.projector = self.projection_head()
         self.criterion = NTXentLoss(config.temperature)
 
     def forward(

@@ -16,7 +16,6 @@ from edge_ssl.train.methods.base import (
     detached_logs,
     embedding_std,
     full_precision,
-    layer_dims,
     loss_dtype,
     mlp_head,
 )
@@ -85,16 +84,7 @@ class SimSiam(SSLMethod):
 
     def __init__(self, encoder: nn.Module, config: SimSiamConfig) -> None:
         super().__init__(encoder, config)
-        self.projector = mlp_head(
-            layer_dims(
-                self.embed_dim,
-                config.projection_hidden_dim,
-                config.projection_dim,
-                config.projection_layers,
-            ),
-            last_batch_norm=True,
-            last_affine=False,
-        )
+        self.projector = self.projection_head(last_batch_norm=True, last_affine=False)
         self.predictor = mlp_head(
             [config.projection_dim, config.prediction_hidden_dim, config.projection_dim]
         )

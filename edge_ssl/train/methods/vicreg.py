@@ -17,9 +17,7 @@ from edge_ssl.train.methods.base import (
     embedding_std,
     full_precision,
     gather_batch,
-    layer_dims,
     loss_dtype,
-    mlp_head,
     off_diagonal,
 )
 
@@ -143,15 +141,7 @@ class VICReg(SSLMethod):
 
     def __init__(self, encoder: nn.Module, config: VICRegConfig) -> None:
         super().__init__(encoder, config)
-        self.projector = mlp_head(
-            layer_dims(
-                self.embed_dim,
-                config.projection_hidden_dim,
-                config.projection_dim,
-                config.projection_layers,
-            ),
-            last_bias=False,
-        )
+        self.projector = self.projection_head(last_bias=False)
         self.criterion = VICRegLoss(
             invariance_weight=config.invariance_weight,
             variance_weight=config.variance_weight,
