@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,29 +67,6 @@ class EncoderEntry:
 ENCODERS: Registry[EncoderEntry] = Registry("encoder")
 
 
-def _register(
-    name: str,
-    timm_name: str,
-    description: str,
-    *,
-    family: str = "cnn",
-    cifar: bool = False,
-    patch_size: int = 0,
-) -> Callable[[Callable[[float, int], nn.Module]], Callable[[float, int], nn.Module]]:
-    def decorator(build: Callable[[float, int], nn.Module]) -> Callable[[float, int], nn.Module]:
-        input_size = 32 if cifar else 224
-        if patch_size:
-            min_size = patch_size
-        else:
-            # ImageNet stems downsample 32x; CIFAR stems keep 32x32 inputs at >= 4x4 at the end.
-            min_size = 8 if cifar else 32
-        info = EncoderInfo(name, timm_name, description, input_size, family)
-        ENCODERS.register(name)(EncoderEntry(info, build, cifar, min_size, patch_size))
-        return build
-
-    return decorator
-
-
 def round_channels(channels: float, divisor: int = CHANNEL_DIVISOR) -> int:
     """Nearest multiple of ``divisor`` (at least ``divisor``, never more than 10% below)."""
     rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
@@ -100,7 +78,7 @@ def round_channels(channels: float, divisor: int = CHANNEL_DIVISOR) -> int:
 # --- ResNet ---------------------------------------------------------------------------------
 
 
-def _resnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
+def _resnet(timm_name: str, width: float, image_size: int, *, cifar: bool) -> nn.Module:
     timm = require("timm", "encoders")
     from timm.models.resnet import make_blocks
 
@@ -137,51 +115,6 @@ def _resnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
     return model
 
 
-@_register("resnet18", "resnet18", "ResNet-18 (11.2M params at width 1), ImageNet stem")
-def _resnet18(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet18", width, cifar=False)
-
-
-@_register("resnet34", "resnet34", "ResNet-34 (21.3M params at width 1), ImageNet stem")
-def _resnet34(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet34", width, cifar=False)
-
-
-@_register("resnet50", "resnet50", "ResNet-50 (23.5M params at width 1), ImageNet stem")
-def _resnet50(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet50", width, cifar=False)
-
-
-@_register(
-    "resnet18_cifar",
-    "resnet18",
-    "ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32",
-    cifar=True,
-)
-def _resnet18_cifar(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet18", width, cifar=True)
-
-
-@_register(
-    "resnet34_cifar",
-    "resnet34",
-    "ResNet-34 with a 3x3 stride-1 stem and no max-pool, for 32x32",
-    cifar=True,
-)
-def _resnet34_cifar(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet34", width, cifar=True)
-
-
-@_register(
-    "resnet50_cifar",
-    "resnet50",
-    "ResNet-50 with a 3x3 stride-1 stem and no max-pool, for 32x32",
-    cifar=True,
-)
-def _resnet50_cifar(width: float, image_size: int) -> nn.Module:
-    return _resnet("resnet50", width, cifar=True)
-
-
 # --- MobileNetV3 / EfficientNet -------------------------------------------------------------
 
 
@@ -208,7 +141,7 @@ def _stem_stride_one(model: nn.Module) -> nn.Module:
 # width multiplier and refuse another one ("multiple values for channel_multiplier"); only the
 # generators behind them take it. They are private, so pyproject.toml caps timm to <1.1 and
 # test_models checks that every width builds: a timm upgrade is a deliberate, tested step.
-def _mobilenetv3(timm_name: str, width: float, cifar: bool) -> nn.Module:
+def _mobilenetv3(timm_name: str, width: float, image_size: int, *, cifar: bool) -> nn.Module:
     require("timm", "encoders")
     from timm.models.mobilenetv3 import _gen_mobilenet_v3
 
@@ -216,7 +149,7 @@ def _mobilenetv3(timm_name: str, width: float, cifar: bool) -> nn.Module:
     return _stem_stride_one(model) if cifar else model
 
 
-def _efficientnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
+def _efficientnet(timm_name: str, width: float, image_size: int, *, cifar: bool) -> nn.Module:
     require("timm", "encoders")
     from timm.models.efficientnet import _gen_efficientnet
 
@@ -226,62 +159,20 @@ def _efficientnet(timm_name: str, width: float, cifar: bool) -> nn.Module:
     return _stem_stride_one(model) if cifar else model
 
 
-@_register("mobilenetv3_small", "mobilenetv3_small_100", "MobileNetV3-Small 1.0 (1024-d head)")
-def _mobilenetv3_small(width: float, image_size: int) -> nn.Module:
-    return _mobilenetv3("mobilenetv3_small_100", width, cifar=False)
-
-
-@_register("mobilenetv3_large", "mobilenetv3_large_100", "MobileNetV3-Large 1.0 (1280-d head)")
-def _mobilenetv3_large(width: float, image_size: int) -> nn.Module:
-    return _mobilenetv3("mobilenetv3_large_100", width, cifar=False)
-
-
-@_register(
-    "mobilenetv3_small_cifar",
-    "mobilenetv3_small_100",
-    "MobileNetV3-Small with a stride-1 stem, for 32x32",
-    cifar=True,
-)
-def _mobilenetv3_small_cifar(width: float, image_size: int) -> nn.Module:
-    return _mobilenetv3("mobilenetv3_small_100", width, cifar=True)
-
-
-@_register(
-    "mobilenetv3_large_cifar",
-    "mobilenetv3_large_100",
-    "MobileNetV3-Large with a stride-1 stem, for 32x32",
-    cifar=True,
-)
-def _mobilenetv3_large_cifar(width: float, image_size: int) -> nn.Module:
-    return _mobilenetv3("mobilenetv3_large_100", width, cifar=True)
-
-
-@_register("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (1280-d)")
-def _efficientnet_b0(width: float, image_size: int) -> nn.Module:
-    return _efficientnet("efficientnet_b0", width, cifar=False)
-
-
-@_register(
-    "efficientnet_b0_cifar",
-    "efficientnet_b0",
-    "EfficientNet-B0 with a stride-1 stem, for 32x32",
-    cifar=True,
-)
-def _efficientnet_b0_cifar(width: float, image_size: int) -> nn.Module:
-    return _efficientnet("efficientnet_b0", width, cifar=True)
-
-
 # --- ConvNeXt V2 / RegNet -------------------------------------------------------------------
 
 
-@_register("convnextv2_atto", "convnextv2_atto", "ConvNeXt V2 Atto (3.4M params, 320-d)")
-def _convnextv2_atto(width: float, image_size: int) -> nn.Module:
+def _convnextv2(
+    timm_name: str, width: float, image_size: int, *, cifar: bool, dims: tuple[int, ...]
+) -> nn.Module:
     timm = require("timm", "encoders")
-    dims = tuple(round_channels(d * width) for d in (40, 80, 160, 320))
-    return timm.create_model("convnextv2_atto", pretrained=False, num_classes=0, dims=dims)
+    scaled = tuple(round_channels(d * width) for d in dims)
+    return timm.create_model(timm_name, pretrained=False, num_classes=0, dims=scaled)
 
 
-def _regnet(timm_name: str, width: float, w0: int, wa: float) -> nn.Module:
+def _regnet(
+    timm_name: str, width: float, image_size: int, *, cifar: bool, w0: int, wa: float
+) -> nn.Module:
     timm = require("timm", "encoders")
     new_w0 = round_channels(w0 * width)
     # Scaling the slope with w0 keeps the per-block width ratios, so the stage layout is unchanged.
@@ -295,21 +186,18 @@ def _regnet(timm_name: str, width: float, w0: int, wa: float) -> nn.Module:
     )
 
 
-@_register("regnetx_002", "regnetx_002", "RegNetX-200MF (368-d)")
-def _regnetx_002(width: float, image_size: int) -> nn.Module:
-    return _regnet("regnetx_002", width, w0=24, wa=36.44)
-
-
-@_register("regnety_002", "regnety_002", "RegNetY-200MF with squeeze-excite (368-d)")
-def _regnety_002(width: float, image_size: int) -> nn.Module:
-    return _regnet("regnety_002", width, w0=24, wa=36.44)
-
-
 # --- ViT ------------------------------------------------------------------------------------
 
 
 def _vit(
-    timm_name: str, width: float, image_size: int, embed_dim: int, num_heads: int, **extra: Any
+    timm_name: str,
+    width: float,
+    image_size: int,
+    *,
+    cifar: bool,
+    embed_dim: int,
+    num_heads: int,
+    **extra: Any,
 ) -> nn.Module:
     timm = require("timm", "encoders")
     # Every head keeps the same dim and the total stays a multiple of 8.
@@ -320,38 +208,60 @@ def _vit(
     )
 
 
-@_register(
-    "vit_tiny",
-    "vit_tiny_patch16_224",
-    "ViT-Ti/16 (192-d, 3 heads); CLS token",
-    family="vit",
-    patch_size=16,
+# --- the registry ---------------------------------------------------------------------------
+
+_RESNET_CIFAR = "with a 3x3 stride-1 stem and no max-pool, for 32x32"
+
+#: name, timm name, description, builder, the builder's keyword arguments. Every builder is
+#: called as ``builder(timm_name, width, image_size, cifar=..., **kwargs)``. A ``*_cifar``
+#: name has the 32x32 stem (input 32, CIFAR mean/std); a ``patch_size`` makes it a ViT.
+ENCODER_TABLE: tuple[tuple[str, str, str, Callable[..., nn.Module], dict[str, Any]], ...] = (
+    ("resnet18", "resnet18", "ResNet-18 (11.2M params at width 1), ImageNet stem", _resnet, {}),
+    ("resnet34", "resnet34", "ResNet-34 (21.3M params at width 1), ImageNet stem", _resnet, {}),
+    ("resnet50", "resnet50", "ResNet-50 (23.5M params at width 1), ImageNet stem", _resnet, {}),
+    ("resnet18_cifar", "resnet18", f"ResNet-18 {_RESNET_CIFAR}", _resnet, {}),
+    ("resnet34_cifar", "resnet34", f"ResNet-34 {_RESNET_CIFAR}", _resnet, {}),
+    ("resnet50_cifar", "resnet50", f"ResNet-50 {_RESNET_CIFAR}", _resnet, {}),
+    ("mobilenetv3_small", "mobilenetv3_small_100", "MobileNetV3-Small 1.0 (1024-d head)",
+     _mobilenetv3, {}),
+    ("mobilenetv3_large", "mobilenetv3_large_100", "MobileNetV3-Large 1.0 (1280-d head)",
+     _mobilenetv3, {}),
+    ("mobilenetv3_small_cifar", "mobilenetv3_small_100",
+     "MobileNetV3-Small with a stride-1 stem, for 32x32", _mobilenetv3, {}),
+    ("mobilenetv3_large_cifar", "mobilenetv3_large_100",
+     "MobileNetV3-Large with a stride-1 stem, for 32x32", _mobilenetv3, {}),
+    ("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (1280-d)", _efficientnet, {}),
+    ("efficientnet_b0_cifar", "efficientnet_b0",
+     "EfficientNet-B0 with a stride-1 stem, for 32x32", _efficientnet, {}),
+    ("convnextv2_atto", "convnextv2_atto", "ConvNeXt V2 Atto (3.4M params, 320-d)", _convnextv2,
+     {"dims": (40, 80, 160, 320)}),
+    ("regnetx_002", "regnetx_002", "RegNetX-200MF (368-d)", _regnet, {"w0": 24, "wa": 36.44}),
+    ("regnety_002", "regnety_002", "RegNetY-200MF with squeeze-excite (368-d)", _regnet,
+     {"w0": 24, "wa": 36.44}),
+    ("vit_tiny", "vit_tiny_patch16_224", "ViT-Ti/16 (192-d, 3 heads); CLS token", _vit,
+     {"embed_dim": 192, "num_heads": 3, "patch_size": 16}),
+    ("vit_small", "vit_small_patch16_224", "ViT-S/16 (384-d, 6 heads); CLS token", _vit,
+     {"embed_dim": 384, "num_heads": 6, "patch_size": 16}),
+    ("vit_tiny_cifar", "vit_tiny_patch16_224", "ViT-Ti with 4x4 patches for 32x32 (64 tokens)",
+     _vit, {"embed_dim": 192, "num_heads": 3, "patch_size": 4}),
 )
-def _vit_tiny(width: float, image_size: int) -> nn.Module:
-    return _vit("vit_tiny_patch16_224", width, image_size, embed_dim=192, num_heads=3)
 
 
-@_register(
-    "vit_small",
-    "vit_small_patch16_224",
-    "ViT-S/16 (384-d, 6 heads); CLS token",
-    family="vit",
-    patch_size=16,
-)
-def _vit_small(width: float, image_size: int) -> nn.Module:
-    return _vit("vit_small_patch16_224", width, image_size, embed_dim=384, num_heads=6)
+def _register(
+    name: str, timm_name: str, description: str, builder: Callable[..., nn.Module], kwargs: dict
+) -> None:
+    cifar = name.endswith("_cifar")
+    patch_size = int(kwargs.get("patch_size", 0))
+    # ImageNet stems downsample 32x; CIFAR stems keep 32x32 inputs at >= 4x4 at the end.
+    min_size = patch_size or (8 if cifar else 32)
+    family = "vit" if patch_size else "cnn"
+    info = EncoderInfo(name, timm_name, description, 32 if cifar else 224, family)
+    build = functools.partial(builder, timm_name, cifar=cifar, **kwargs)
+    ENCODERS.register(name)(EncoderEntry(info, build, cifar, min_size, patch_size))
 
 
-@_register(
-    "vit_tiny_cifar",
-    "vit_tiny_patch16_224",
-    "ViT-Ti with 4x4 patches for 32x32 (64 tokens)",
-    family="vit",
-    cifar=True,
-    patch_size=4,
-)
-def _vit_tiny_cifar(width: float, image_size: int) -> nn.Module:
-    return _vit("vit_tiny_patch16_224", width, image_size, embed_dim=192, num_heads=3, patch_size=4)
+for _row in ENCODER_TABLE:
+    _register(*_row)
 
 
 # --- factory --------------------------------------------------------------------------------
