@@ -87,23 +87,19 @@ def load_anchors() -> list[dict]:
 
 @dataclass
 class Sample:
-    """One anchor as arrays: what the model needs to predict it."""
+    """One anchor with the per-kernel terms the fitted constants act on."""
 
     anchor: dict
     arch: str
     group: str
-    peak: float
-    bandwidth: float
-    gpu_mhz: float
-    kinds: np.ndarray
-    flops: np.ndarray
-    bytes: np.ndarray
+    terms: object  # edge_ssl.devices.predict.KernelTerms
     end_to_end: bool
     published: float
+    graphs: bool = False  # replayed as a CUDA graph: a smaller per-kernel floor
 
 
 def samples(anchors: list[dict], cache: Path) -> list[Sample]:
-    from edge_ssl.devices.predict import OP_KINDS, graph_costs, peak_ops, tile_for
+    from edge_ssl.devices.predict import board_for, graph_costs, kernel_terms, tile_for
     from edge_ssl.devices.profiles import get_profile
 
     rows = []
@@ -112,10 +108,10 @@ def samples(anchors: list[dict], cache: Path) -> list[Sample]:
         precision = anchor["precision"]
         onnx = export_anchor(anchor["model"], cache, anchor.get("num_classes", 1000), anchor.get("input_size", 224))
         costs = graph_costs(onnx, anchor.get("batch", 1), precision, tile_for(profile.arch, precision))
-        rows.append(Sample(anchor, profile.arch, f"{profile.arch}-{precision}", peak_ops(profile, precision),
-                           profile.memory_bandwidth_gbs, profile.gpu_max_mhz, np.array([OP_KINDS.index(c.kind) for c in costs]),
-                           np.array([c.flops for c in costs]), np.array([c.bytes for c in costs]),
-                           anchor["timing"] == "end_to_end", anchor["published_ms"]))
+        terms = kernel_terms(costs, board_for(profile, precision))
+        rows.append(Sample(anchor, profile.arch, f"{profile.arch}-{precision}", terms,
+                           anchor["timing"] == "end_to_end", anchor["published_ms"],
+                           bool(anchor.get("cuda_graphs", False))))
     return rows
 
 
@@ -127,16 +123,17 @@ class Parameters:
         from edge_ssl.devices.predict import DEFAULT_MODEL, OP_KINDS
 
         self.default = DEFAULT_MODEL
-        used = {int(k) for s in train for k in s.kinds}
+        used = {int(k) for s in train for k in s.terms.kinds}
         self.kinds = [k for i, k in enumerate(OP_KINDS) if i and i in used]
         self.gens = sorted({s.arch for s in train})
         self.int8 = sorted({s.arch for s in train if s.group.endswith("int8")})
         # end-to-end figures differ by harness (Python vs C++, copies or not): one host
         # overhead per publication, pulled toward their common mean
         self.hosts = sorted({s.anchor["source_id"] for s in train if s.end_to_end})
+        self.graphs = ["graph"] if any(s.graphs for s in train) else []
         self.names = ([f"eff:{k}" for k in self.kinds] + [f"scale:{g}" for g in self.gens]
                       + [f"launch:{g}" for g in self.gens] + ["memory"] + [f"int8:{g}" for g in self.int8]
-                      + [f"host:{h}" for h in self.hosts])
+                      + [f"host:{h}" for h in self.hosts] + self.graphs)
 
     def start_and_bounds(self):
         start, low, high = [], [], []
@@ -145,7 +142,7 @@ class Parameters:
             value, lo, hi = {"eff": (self.default.op_efficiency.get(key, 0.5), 0.003, 3.0),
                              "scale": (0.5, 0.02, 1.5), "launch": (10.0, 0.5, 300.0),
                              "memory": (DEFAULT_MEMORY_EFFICIENCY, 0.2, 1.0), "int8": (1.0, 0.2, 3.0),
-                             "host": (0.05, 0.001, 5.0)}[kind]
+                             "host": (0.05, 0.001, 5.0), "graph": (0.5, 0.05, 1.0)}[kind]
             start.append(math.log(value))
             low.append(math.log(lo))
             high.append(math.log(hi))
@@ -162,6 +159,7 @@ class Parameters:
             op_efficiency={**self.default.op_efficiency, **{k: float(values[f"eff:{k}"]) for k in self.kinds}},
             scale=scale, launch_kcycles=launch, int8_ratio={g: float(values[f"int8:{g}"]) for g in self.int8},
             memory_efficiency=float(values["memory"]),
+            graph_launch_share=float(values.get("graph", 1.0)),
             host_overhead_ms=math.exp(np.mean(np.log(hosts))) if hosts else 0.0)
         model.__dict__["hosts"] = dict(zip(self.hosts, hosts, strict=False))  # per publication, for the fit only
         return model
@@ -169,15 +167,13 @@ class Parameters:
 
 def predict_sample(model, sample: Sample) -> tuple[float, float]:
     """(predicted ms as the anchor reports it, launch-floor ms)."""
-    from edge_ssl.devices.predict import OP_KINDS
+    from edge_ssl.devices.predict import kernel_ms
 
-    precision = sample.group.rsplit("-", 1)[1]
-    kind_eff = np.array([model.op_efficiency[OP_KINDS[k]] for k in sample.kinds])
-    compute = sample.flops / (sample.peak * model.efficiency(sample.arch, precision) * kind_eff)
-    memory = sample.bytes / (sample.bandwidth * 1e9 * model.memory_efficiency)
-    launch = len(sample.kinds) * model.launch(sample.arch, sample.gpu_mhz)
-    total = 1000.0 * np.maximum(compute, memory).sum() + launch
-    return total + (host_overhead(model, sample) if sample.end_to_end else 0.0), launch
+    times, _, floor = kernel_ms(sample.terms, model)
+    if sample.graphs:
+        times, floor = times - floor * (1 - model.graph_launch_share), floor * model.graph_launch_share
+    total = float(times.sum())
+    return total + (host_overhead(model, sample) if sample.end_to_end else 0.0), floor * len(times)
 
 
 def host_overhead(model, sample: Sample) -> float:
@@ -305,6 +301,7 @@ def report(rows: list[Sample], model, errors: dict[str, list[float]], groups: di
         "model": {"op_efficiency": model.op_efficiency, "scale": model.scale,
                   "launch_kcycles": model.launch_kcycles, "int8_ratio": model.int8_ratio,
                   "memory_efficiency": model.memory_efficiency,
+                  "graph_launch_share": model.graph_launch_share,
                   "host_overhead_ms_by_source": model.__dict__.get("hosts", {})},
         "anchors": anchors,
         "note": "loo_board: each board's anchors predicted by a fit without that board; loo_source: "

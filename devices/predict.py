@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edge_ssl.devices.profiles import DeviceProfile, architecture, get_profile, load_toml
 
@@ -25,18 +28,35 @@ FAMILY = {"maxwell": "cuda-core", "pascal": "cuda-core", "volta": "tensor-core",
           "blackwell": "tensor-core"}
 #: Kernel kinds. 'conv' (dense KxK, K > 1) is the reference whose efficiency is the
 #: generation's scale; every other kind carries its own efficiency relative to it.
-OP_KINDS = ("conv", "conv1x1", "stem", "dwconv", "grouped", "gemm", "pool", "se")
+OP_KINDS = ("conv", "conv1x1", "stem", "dwconv", "grouped", "gemm", "pool", "se", "eltwise")
 #: Channel counts are padded up to the MMA tile the kernels use: half2 on Maxwell/Pascal CUDA
 #: cores, 8 for FP16 tensor cores (Volta/Ampere), 16 (Volta) / 32 (Ampere+) for INT8 IMMA.
 TILE = {("maxwell", "fp16"): 2, ("pascal", "fp16"): 2, ("volta", "fp16"): 8, ("volta", "int8"): 16,
         ("ampere", "fp16"): 8, ("ampere", "int8"): 32, ("blackwell", "fp16"): 8, ("blackwell", "int8"): 32}
-#: Ops TensorRT fuses into the preceding kernel (cost nothing on their own) or removes.
-FUSED_OPS = {
-    "Relu", "Clip", "BatchNormalization", "Add", "Sum", "Mul", "Sub", "Div", "Sigmoid", "HardSigmoid",
-    "HardSwish", "LeakyRelu", "PRelu", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-    "Concat", "Shape", "Gather", "Constant", "Cast", "QuantizeLinear", "DequantizeLinear", "Transpose",
-    "Split", "Dropout", "Softmax", "Erf", "Tanh",
+#: Ops that launch nothing: shape bookkeeping, or copies TensorRT elides (concatenation is
+#: written in place, a split read in place by its consumers, Q/DQ folded into the kernels).
+FREE_OPS = {
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Shape", "Gather", "Constant",
+    "Cast", "QuantizeLinear", "DequantizeLinear", "Transpose", "Split", "Slice", "Dropout",
 }
+#: One-input or residual pointwise ops TensorRT folds into the epilogue of the conv or GEMM
+#: that produced their input, when nothing else reads that output.
+EPILOGUE_OPS = {"Relu", "Clip", "BatchNormalization", "Add", "Sum", "LeakyRelu", "PRelu", "Sigmoid", "Tanh"}
+#: Every other pointwise op: a chain of them is one pointwise kernel of its own (TensorRT's
+#: pointwise fusion), streaming the activation through DRAM: swish (x * sigmoid(x)), hard-swish,
+#: the scale of a squeeze-excitation block.
+POINTWISE_OPS = EPILOGUE_OPS | {"Mul", "Sub", "Div", "HardSigmoid", "HardSwish", "Erf", "Softmax", "Pow",
+                                "Sqrt", "Exp", "Neg", "Reciprocal", "Max", "Min"}
+#: CUDA cores per SM (the SM count of a board is its CUDA cores over this): Maxwell GM20B,
+#: Pascal GP10B and Ampere GA10B have 128, Volta GV10B 64 (NVIDIA architecture whitepapers).
+CORES_PER_SM = {"maxwell": 128, "pascal": 128, "volta": 64, "ampere": 128, "blackwell": 128}
+#: Kinds TensorRT runs on CUDA cores whatever the generation (no MMA form): their peak is
+#: CUDA cores x 4 FP16 ops per clock (half2 FMA), not the tensor-core peak.
+CUDA_CORE_KINDS = frozenset({"dwconv", "pool", "se", "eltwise"})
+#: Output tile (rows = batch x output pixels, columns = output channels) one thread block of an
+#: implicit-GEMM kernel computes: a layer with fewer tiles than the board has SMs leaves SMs idle
+#: (wave quantization), which is what makes small late layers slow on a board with many SMs.
+CTA_TILE = (64, 64)
 #: Half-width (log ratio) of the interval of a group no published result calibrates: x/÷ 3.
 UNCALIBRATED_LOG_INTERVAL = math.log(3.0)
 #: Share of the time in per-kernel overhead above which the text says "launch-bound".
@@ -52,6 +72,8 @@ class LayerCost:
     kind: str
     flops: float
     bytes: float
+    rows: int = 0   # implicit-GEMM rows (batch x output pixels); 0 where no MMA tiles apply
+    cols: int = 0   # implicit-GEMM columns (output channels)
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class LatencyModel:
     int8_ratio: dict[str, float] = field(default_factory=dict)  # INT8 scale / FP16 scale, per generation
     memory_efficiency: float = 0.7   # share of peak DRAM bandwidth a streaming kernel reaches
     host_overhead_ms: float = 0.0    # copies + runtime calls of an end-to-end figure (not predicted)
+    graph_launch_share: float = 1.0  # the floor left when the engine is replayed as a CUDA graph
 
     def efficiency(self, arch: str, precision: str) -> float:
         ratio = _borrow(self.int8_ratio, arch) if precision == "int8" and self.int8_ratio else 1.0
@@ -84,7 +107,7 @@ def _borrow(table: dict[str, float], arch: str) -> float:
 
 DEFAULT_MODEL = LatencyModel(
     op_efficiency={"conv": 1.0, "conv1x1": 0.8, "stem": 0.5, "dwconv": 0.05, "grouped": 0.3,
-                   "gemm": 0.5, "pool": 1.0, "se": 0.2},
+                   "gemm": 0.5, "pool": 1.0, "se": 0.2, "eltwise": 1.0},
     scale={g: 0.5 for g in GENERATIONS[:4]}, launch_kcycles={g: 10.0 for g in GENERATIONS[:4]},
 )
 
@@ -216,7 +239,9 @@ def _conv(node: Any, shapes: dict[str, list[int]], bpe: int, tile: int) -> Layer
     else:
         out = y[0] * _pad(y[1], tile) * math.prod(y[2:])
         flops = 2.0 * out * _pad(w[1], tile) * math.prod(w[2:])
-    return LayerCost(node.name, node.op_type, kind, flops, float((_size(x) + _size(w) + _size(y)) * bpe))
+    rows, cols = (0, 0) if kind in CUDA_CORE_KINDS else (y[0] * math.prod(y[2:]), y[1])
+    return LayerCost(node.name, node.op_type, kind, flops, float((_size(x) + _size(w) + _size(y)) * bpe),
+                     rows, cols)
 
 
 def _gemm(node: Any, shapes: dict[str, list[int]], bpe: int, tile: int) -> LayerCost | None:
@@ -226,27 +251,61 @@ def _gemm(node: Any, shapes: dict[str, list[int]], bpe: int, tile: int) -> Layer
     k = a[-1] if node.op_type == "MatMul" or not _attr(node, "transA", 0) else a[0]
     rows = _size(y) // y[-1]
     flops = 2.0 * rows * _pad(y[-1], tile) * _pad(k, tile)
-    return LayerCost(node.name, node.op_type, "gemm", flops, float((_size(a) + _size(b) + _size(y)) * bpe))
+    return LayerCost(node.name, node.op_type, "gemm", flops, float((_size(a) + _size(b) + _size(y)) * bpe),
+                     rows, y[-1])
+
+
+def _consumers(graph: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _fuse_pointwise(node: Any, owner: dict[str, tuple[str, int]], readers: dict[str, int],
+                    costs: list[LayerCost], moved: int, bpe: int) -> None:
+    """Fold a pointwise ``node`` into the kernel that made its input, or start a pointwise kernel."""
+    sources = [owner.get(n) for n in node.input if n in owner]
+    single = [owner[n] for n in node.input if n in owner and readers.get(n, 0) == 1]
+    if node.op_type in EPILOGUE_OPS and any(src[0] == "mma" for src in single):
+        target = next(src for src in single if src[0] == "mma")
+    elif any(src[0] == "pointwise" for src in sources):
+        target = next(src for src in sources if src[0] == "pointwise")
+        cost = costs[target[1]]  # a chain is one kernel: it streams what the added op reads and writes
+        costs[target[1]] = dataclasses.replace(cost, flops=cost.flops + moved, bytes=cost.bytes + moved * bpe)
+    else:
+        target = ("pointwise", len(costs))
+        costs.append(LayerCost(node.name, node.op_type, "eltwise", float(moved), float(moved * bpe)))
+    for name in node.output:
+        owner[name] = target
 
 
 def graph_costs(path: str | os.PathLike, batch: int = 1, precision: str = "fp16",
                 tile: int = 1) -> list[LayerCost]:
-    """One LayerCost per kernel TensorRT would launch (pointwise ops fused away)."""
+    """One LayerCost per kernel TensorRT would launch (epilogues and pointwise chains fused)."""
     bpe = BYTES_PER_ELEMENT[precision]
     model = _load_with_batch(path, batch)
     shapes = _shapes(model)
-    costs = []
+    weights = {i.name for i in model.graph.initializer}
+    readers = _consumers(model.graph)
+    costs: list[LayerCost] = []
+    owner: dict[str, tuple[str, int]] = {}
     for node in model.graph.node:
-        if node.op_type in FUSED_OPS:
+        moved = sum(_size(shapes.get(n)) for n in [*node.input, *node.output] if n and n not in weights)
+        if node.op_type in FREE_OPS:
+            continue
+        if node.op_type in POINTWISE_OPS:
+            _fuse_pointwise(node, owner, readers, costs, moved, bpe)
             continue
         if node.op_type in ("Conv", "ConvTranspose"):
-            cost = _conv(node, shapes, bpe, tile)
+            cost, unit = _conv(node, shapes, bpe, tile), "mma"
         elif node.op_type in ("Gemm", "MatMul"):
-            cost = _gemm(node, shapes, bpe, tile)
+            cost, unit = _gemm(node, shapes, bpe, tile), "mma"
         else:
-            moved = sum(_size(shapes.get(n)) for n in [*node.input, *node.output] if n)
-            cost = LayerCost(node.name, node.op_type, "pool", float(moved), float(moved * bpe))
+            cost, unit = LayerCost(node.name, node.op_type, "pool", float(moved), float(moved * bpe)), "other"
         if cost is not None:
+            owner.update({name: (unit, len(costs)) for name in node.output})
             costs.append(cost)
     if not costs:
         raise ConfigError(f"{path} has no layers whose shapes could be inferred; is it a valid ONNX model?")
@@ -283,18 +342,72 @@ def calibration_group(profile: DeviceProfile, precision: str) -> str:
 
 
 # ---------------------------------------------------------------- the model
-def kernel_times(costs: list[LayerCost], model: LatencyModel, arch: str, precision: str,
-                 peak: float, bandwidth_gbs: float, gpu_mhz: float) -> list[tuple[LayerCost, float, bool]]:
-    """Per kernel: (cost, ms, compute_bound); ms includes the launch floor."""
-    efficiency = model.efficiency(arch, precision)
-    launch = model.launch(arch, gpu_mhz)
-    rows = []
-    for cost in costs:
-        kind_eff = model.op_efficiency.get(cost.kind, DEFAULT_MODEL.op_efficiency[cost.kind])
-        compute = cost.flops / (peak * efficiency * kind_eff)
-        memory = cost.bytes / (bandwidth_gbs * 1e9 * model.memory_efficiency)
-        rows.append((cost, 1000.0 * max(compute, memory) + launch, compute >= memory))
-    return rows
+@dataclass(frozen=True)
+class Board:
+    """What the latency model needs of a board at one precision and GPU clock."""
+
+    arch: str
+    precision: str
+    mma_peak: float      # ops/s of the dense kernels (tensor cores, or half2 CUDA cores before Volta)
+    cuda_peak: float     # ops/s of CUDA-core kernels: 4 FP16 ops per core per clock
+    bandwidth_gbs: float
+    gpu_mhz: float
+    sms: int
+
+
+def board_for(profile: DeviceProfile, precision: str, gpu_mhz: float | None = None) -> Board:
+    """The profile's published SM count, clock, peaks and bandwidth at ``precision``."""
+    mhz = gpu_mhz or profile.gpu_max_mhz
+    peak = peak_ops(profile, precision, mhz)
+    cores = profile.cuda_cores or 0
+    cuda_peak = min(peak, cores * 4 * mhz * 1e6) if cores else peak
+    sms = max(1, cores // CORES_PER_SM.get(profile.arch, 128))
+    return Board(profile.arch, precision, peak, cuda_peak, profile.memory_bandwidth_gbs or 1.0, mhz, sms)
+
+
+def wave_utilization(cost: LayerCost, sms: int) -> float:
+    """Share of the SMs busy over a layer's waves of CTA_TILE output tiles (1.0 without tiles)."""
+    if not cost.rows or not cost.cols:
+        return 1.0
+    tiles = -(-cost.rows // CTA_TILE[0]) * -(-cost.cols // CTA_TILE[1])
+    return tiles / (-(-tiles // sms) * sms)
+
+
+@dataclass(frozen=True)
+class KernelTerms:
+    """Per kernel, what does not depend on the fitted constants (arrays over the kernels)."""
+
+    board: Board
+    kinds: np.ndarray      # index into OP_KINDS
+    mma: np.ndarray        # True where the kernel is a dense (MMA) kernel, False on CUDA cores
+    compute_s: np.ndarray  # seconds at the unit's full peak, wave quantization included
+    memory_s: np.ndarray   # seconds at the board's full DRAM bandwidth
+
+
+def kernel_terms(costs: list[LayerCost], board: Board) -> KernelTerms:
+    mma = np.array([c.kind not in CUDA_CORE_KINDS for c in costs])
+    peaks = np.where(mma, board.mma_peak, board.cuda_peak)
+    utilization = np.array([wave_utilization(c, board.sms) for c in costs])
+    return KernelTerms(board, np.array([OP_KINDS.index(c.kind) for c in costs]), mma,
+                       np.array([c.flops for c in costs]) / (peaks * utilization),
+                       np.array([c.bytes for c in costs]) / (board.bandwidth_gbs * 1e9))
+
+
+def kernel_ms(terms: KernelTerms, model: LatencyModel) -> tuple[np.ndarray, np.ndarray, float]:
+    """(ms per kernel with its launch floor, compute-bound mask, launch floor ms per kernel).
+
+    Dense kernels reach the generation's share of the peak times their kind's efficiency
+    (times the INT8/FP16 ratio in INT8); CUDA-core kernels reach their kind's efficiency alone,
+    which is what lets one fit hold across generations with and without tensor cores.
+    """
+    board = terms.board
+    kind_eff = np.array([model.op_efficiency.get(k, DEFAULT_MODEL.op_efficiency[k]) for k in OP_KINDS])
+    mma_eff = model.efficiency(board.arch, board.precision)
+    efficiency = kind_eff[terms.kinds] * np.where(terms.mma, mma_eff, 1.0)
+    compute = terms.compute_s / efficiency
+    memory = terms.memory_s / model.memory_efficiency
+    launch = model.launch(board.arch, board.gpu_mhz)
+    return 1000.0 * np.maximum(compute, memory) + launch, compute >= memory, launch
 
 
 @lru_cache(maxsize=1)
@@ -345,12 +458,13 @@ def predict_onnx(onnx_path: str | os.PathLike, device: str | DeviceProfile, *, p
         warnings.append(f"the GPU clock cap of nvpmodel mode {mode.mode_id} ({mode.name}) is not recorded; "
                         "predicting at the maximum clock, so this is optimistic.")
     gpu_mhz = (mode.gpu_max_mhz if mode else None) or profile.gpu_max_mhz
-    peak = peak_ops(profile, precision, gpu_mhz)
+    board = board_for(profile, precision, gpu_mhz)
     model = model or fitted_model()
     costs = graph_costs(onnx_path, batch, precision, tile_for(profile.arch, precision))
-    rows = kernel_times(costs, model, profile.arch, precision, peak, profile.memory_bandwidth_gbs or 1.0, gpu_mhz)
-    total = sum(ms for _, ms, _ in rows)
-    launch = len(rows) * model.launch(profile.arch, gpu_mhz)
+    times, bound, floor = kernel_ms(kernel_terms(costs, board), model)
+    rows = [(c, float(ms), bool(b)) for c, ms, b in zip(costs, times, bound, strict=True)]
+    total = float(times.sum())
+    launch = len(rows) * floor
     group = calibration_group(profile, precision)
     calib = group_calibration(group)
     if calib["label"] == "uncalibrated":

@@ -240,3 +240,24 @@ def test_calibrate_writes_a_local_file_that_later_predictions_use(tiny_onnx, tmp
     assert later.calibration.startswith("local") and str(local) in later.calibration
     other_board = predict_onnx(tiny_onnx, "agx-orin-64gb", precision="fp16")
     assert not other_board.calibration.startswith("local")
+
+
+def test_swish_is_a_kernel_of_its_own_but_relu_folds_into_the_conv(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((16, 16, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["images", "w"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w"], ["c2"], pads=[1] * 4, name="conv2"),
+             helper.make_node("Sigmoid", ["c2"], ["s"], name="swish"),
+             helper.make_node("Mul", ["c2", "s"], ["out"])]
+    graph = helper.make_graph(nodes, "swish", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                             [1, 16, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 32, 32])], [w])
+    path = tmp_path / "swish.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    costs = graph_costs(path, precision="fp16")
+    assert [c.kind for c in costs] == ["conv", "conv", "eltwise"]
+    assert costs[2].bytes >= 2 * (16 * 32 * 32) * 2  # it streams the activation in and out (FP16)
