@@ -120,7 +120,8 @@ def check_int(
 
 def check_flag(owner: str, name: str, value: Any) -> bool:
     """``value`` as a bool; a truthy string such as 'false' is refused."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy bools too
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool:  # numpy 1 names its bool "bool_", numpy 2 "bool"
         return bool(value)
     raise ConfigError(f"{setting_label(owner, name)} must be true or false; got {value!r}.")
 
@@ -139,3 +140,51 @@ def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> s
             f"{did_you_mean(str(value), tuple(choices))}"
         )
     return value
+
+
+# --------------------------------------------------------------------------- fields with bounds
+
+
+def positive(default: float) -> Any:
+    """A dataclass field for a float setting in (0, inf): temperatures, epsilons."""
+    return dataclasses.field(default=default, metadata={"bounds": (0.0, None, True)})
+
+
+def non_negative(default: float) -> Any:
+    """A dataclass field for a setting in [0, inf): loss weights, counts that may be 0."""
+    return dataclasses.field(default=default, metadata={"bounds": (0.0, None, False)})
+
+
+def unit_interval(default: float) -> Any:
+    """A dataclass field for a float setting in [0, 1]: momenta, fractions of training."""
+    return dataclasses.field(default=default, metadata={"bounds": (0.0, 1.0, False)})
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of frozen dataclass ``config`` by its annotation; store the result.
+
+    ``bool`` fields must be booleans; ``int`` fields integers >= 1 and ``float`` fields
+    real numbers, each in the interval of its field helper (:func:`positive`,
+    :func:`non_negative`, :func:`unit_interval`) when it has one. Call it from
+    ``__post_init__``; numbers are stored as the annotated type.
+    """
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = _checked_field(owner, field, getattr(config, field.name))
+        object.__setattr__(config, field.name, value)
+
+
+def _checked_field(owner: str, field: dataclasses.Field[Any], value: Any) -> Any:
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    low, high, low_open = field.metadata.get("bounds", (None, None, False))
+    if kind == "bool":
+        return check_flag(owner, field.name, value)
+    if kind == "int":
+        minimum = 1 if low is None else math.floor(low) + int(low_open)
+        return check_int(owner, field.name, value, minimum, None if high is None else math.floor(high))
+    if kind == "float":
+        return check_number(owner, field.name, value, low, high, low_open=low_open)
+    raise ConfigError(
+        f"{owner}.{field.name} is annotated {kind!r}; check_fields knows int, float and bool. "
+        "Check that field in __post_init__ with a validator above instead."
+    )

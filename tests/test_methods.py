@@ -221,6 +221,25 @@ def test_numbers_are_stored_as_floats_and_survive_a_lineage_round_trip():
     assert config_from_dict(SimCLRConfig, config_to_dict(config)) == config
 
 
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_numpy_settings_are_stored_as_python_numbers_for_the_manifest(name):
+    import json
+
+    import numpy as np
+
+    from edge_ssl.config import config_to_dict
+
+    config = small_method(name).config
+    values = config_to_dict(config)
+    as_numpy = {
+        key: np.bool_(value) if isinstance(value, bool)
+        else np.int64(value) if isinstance(value, int) else np.float32(value)
+        for key, value in values.items()
+    }
+    stored = config_to_dict(type(config)(**as_numpy))
+    assert json.loads(json.dumps(stored)) == pytest.approx(values)
+
+
 def test_encoder_without_spec_is_rejected():
     with pytest.raises(ConfigError, match="embed_dim"):
         create_method("byol", nn.Linear(4, 4))

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from edge_ssl.train.methods.base import (
-    METHODS,
-    MethodConfig,
-    SSLMethod,
-    detached_logs,
-    embedding_std,
-    full_precision,
-    gather_batch,
-    loss_dtype,
-    off_diagonal,
-)
+from edge_ssl.config import non_negative
+from edge_ssl.train.distributed import gather_batch
+from edge_ssl.train.methods.base import ProjectionConfig, SSLMethod, float32_loss, off_diagonal
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -40,12 +31,12 @@ class BarlowTwinsLoss(nn.Module):
         self.redundancy_weight = redundancy_weight
         self.eps = eps
 
+    @float32_loss
     def cross_correlation(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """(N, D), (N, D) -> (D, D) cross-correlation over the (gathered) batch."""
-        with full_precision(z1):
-            a = self._standardize(gather_batch(loss_dtype(z1)))
-            b = self._standardize(gather_batch(loss_dtype(z2)))
-            return a.T @ b / a.shape[0]
+        a = self._standardize(gather_batch(z1))
+        b = self._standardize(gather_batch(z2))
+        return a.T @ b / a.shape[0]
 
     def components(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss``, ``on_diagonal`` and ``off_diagonal`` for (N, D) ``z1``, ``z2``."""
@@ -68,7 +59,7 @@ class BarlowTwinsLoss(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class BarlowTwinsConfig(MethodConfig):
+class BarlowTwinsConfig(ProjectionConfig):
     """Barlow Twins settings.
 
     - ``projection_hidden_dim`` 2048, ``projection_dim`` 2048, ``projection_layers`` 3:
@@ -78,20 +69,13 @@ class BarlowTwinsConfig(MethodConfig):
     - ``redundancy_weight`` 0.0051 (lambda): the paper's value.
     """
 
-    projection_hidden_dim: int = 2048
-    projection_dim: int = 2048
-    projection_layers: int = 3
-    redundancy_weight: float = 0.0051
-
-    def __post_init__(self) -> None:
-        self._integer("projection_hidden_dim")
-        self._integer("projection_dim")
-        self._integer("projection_layers")
-        self._number("redundancy_weight", 0.0, None)
+    redundancy_weight: float = non_negative(0.0051)
 
 
-@METHODS.register("barlow_twins")
-class BarlowTwins(SSLMethod):
+class BarlowTwins(
+    SSLMethod, name="barlow_twins", config=BarlowTwinsConfig, optimizer="lars", lr=0.2,
+    weight_decay=1.5e-6,
+):
     """Barlow Twins (Zbontar et al., arXiv:2103.03230): encoder -> projector -> loss.
 
     The projector is Linear-BN-ReLU for each hidden layer and a plain Linear output,
@@ -100,24 +84,7 @@ class BarlowTwins(SSLMethod):
     Keeps the online encoder.
     """
 
-    name = "barlow_twins"
-    view_preset = "barlow_twins"
-    default_optimizer = "lars"
-    default_lr = 0.2
-    default_weight_decay = 1.5e-6
-    config_class = BarlowTwinsConfig
-    config: BarlowTwinsConfig
-
     def __init__(self, encoder: nn.Module, config: BarlowTwinsConfig) -> None:
         super().__init__(encoder, config)
         self.projector = self.projection_head(last_bias=False)
         self.criterion = BarlowTwinsLoss(config.redundancy_weight)
-
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
-        x1, x2 = views
-        h1, h2 = self.encoder(x1), self.encoder(x2)
-        terms = self.criterion.components(self.projector(h1), self.projector(h2))
-        return terms["loss"], detached_logs(**terms, std=embedding_std(h1))

@@ -1,65 +1,52 @@
-"""The SSLMethod base class and what methods share: config checks, MLP heads, EMA, gathers."""
+"""The SSLMethod base class and what methods share: configs, MLP heads, EMA, loss helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_ssl.config import check_flag, check_int, check_number
+from edge_ssl.config import check_fields, check_number
 from edge_ssl.errors import ConfigError
 from edge_ssl.registry import Registry
-from edge_ssl.train.distributed import gather_batch as gather_batch
-from edge_ssl.train.distributed import mean_over_ranks as mean_over_ranks
-from edge_ssl.train.distributed import rank as rank
-from edge_ssl.train.distributed import world_size as world_size
+
+R = TypeVar("R")
+
+#: ``(loss, logs)``: what a method returns for one batch of views.
+StepOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 # ---------------------------------------------------------------------------
-# Config checks
+# Configs
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Base of the per-method frozen configs; subclasses validate in ``__post_init__``.
+    """Base of the per-method frozen configs: each field is checked by its annotation and
+    its field helper (:func:`edge_ssl.config.positive` and the like), through
+    :func:`edge_ssl.config.check_fields`, the one set of validators."""
 
-    The helpers below only bind :mod:`edge_ssl.config`'s validators to this config's
-    fields (one way to validate settings in the whole project).
-    """
-
-    def _number(
-        self,
-        name: str,
-        low: float | None = None,
-        high: float | None = None,
-        *,
-        low_open: bool = False,
-        high_open: bool = False,
-    ) -> None:
-        """Check that field ``name`` is a real number in the interval; store it as float."""
-        number = check_number(
-            type(self).__name__, name, getattr(self, name), low, high,
-            low_open=low_open, high_open=high_open,
-        )
-        object.__setattr__(self, name, number)
-
-    def _integer(self, name: str, minimum: int = 1) -> None:
-        """Check that field ``name`` is an integer >= ``minimum``."""
-        check_int(type(self).__name__, name, getattr(self, name), minimum)
-
-    def _flag(self, name: str) -> None:
-        """Check that field ``name`` is a bool (not a truthy string such as 'false')."""
-        check_flag(type(self).__name__, name, getattr(self, name))
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
-# ---------------------------------------------------------------------------
-# Distributed helpers live in edge_ssl.train.distributed; re-exported for the methods.
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig(MethodConfig):
+    """The projector settings the methods share (SimCLR, SimSiam, VICReg, Barlow Twins):
+    ``projection_layers`` linear layers ``projection_hidden_dim`` wide, out to
+    ``projection_dim``. Subclasses change the defaults and add their own fields."""
+
+    projection_hidden_dim: int = 2048
+    projection_dim: int = 2048
+    projection_layers: int = 3
+
 
 # ---------------------------------------------------------------------------
 # Heads
@@ -148,6 +135,17 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(target_params, [p.detach() for p in online_params], 1.0 - momentum)
 
 
+def follow_online(
+    base_momentum: float, progress: float, *pairs: tuple[nn.Module, nn.Module]
+) -> float:
+    """EMA of each ``(target, online)`` pair after an optimizer step, the momentum raised
+    from ``base_momentum`` to 1 on a cosine over training (BYOL, DINO); returns it."""
+    momentum = cosine_schedule(base_momentum, 1.0, check_progress(progress))
+    for target, online in pairs:
+        ema_update(target, online, momentum)
+    return momentum
+
+
 # ---------------------------------------------------------------------------
 # Small tensor helpers
 
@@ -169,6 +167,34 @@ def loss_dtype(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.float()
     return tensor
+
+
+def float32_loss(loss: Callable[..., R]) -> Callable[..., R]:
+    """Run the loss method ``loss`` with autocast off and half-precision tensor arguments
+    (and sequences of tensors) in float32; see :func:`full_precision` and :func:`loss_dtype`.
+
+    The first tensor argument's device decides the autocast context.
+    """
+
+    @functools.wraps(loss)
+    def run(self: nn.Module, *args: Any, **kwargs: Any) -> R:
+        args = tuple(map(_loss_inputs, args))
+        first = next((v for v in args if isinstance(v, torch.Tensor)), None)
+        if first is None:
+            first = next((v[0] for v in args if isinstance(v, list) and v), None)
+        with full_precision(first) if first is not None else contextlib.nullcontext():
+            return loss(self, *args, **kwargs)
+
+    return run
+
+
+def _loss_inputs(value: Any) -> Any:
+    """A tensor, or a sequence of tensors (as a list), in its loss dtype; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return loss_dtype(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [loss_dtype(v) for v in value]
+    return value
 
 
 def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
@@ -209,13 +235,25 @@ def encode_grouped(encoder: nn.Module, views: Sequence[torch.Tensor]) -> torch.T
 # ---------------------------------------------------------------------------
 # The base class and its registry
 
+#: Name -> SSLMethod subclass; each method's class line registers it (see SSLMethod).
+METHODS: Registry[type[SSLMethod]] = Registry("SSL method")
+
 
 class SSLMethod(nn.Module):
     """An SSL method: the encoder being trained, its heads, target networks and loss.
 
-    ``forward(views)`` returns ``(loss, logs)``: a scalar loss to backpropagate and a
-    dict of detached scalars (``loss``; ``std``, the spread of the l2-normalized
-    encoder embeddings of the first view, to spot collapse; method terms).
+    ``forward(views)`` checks the views and returns :meth:`step`'s ``(loss, logs)``: a
+    scalar loss to backpropagate and a dict of detached scalars (``loss``; ``std``, the
+    spread of the l2-normalized encoder embeddings of the first view, to spot
+    collapse; method terms).
+
+    A method states what it is in its class line and is registered in :data:`METHODS`
+    under ``name`` (also the name of its view preset)::
+
+        class SimCLR(SSLMethod, name="simclr", config=SimCLRConfig,
+                     optimizer="lars", lr=0.3, weight_decay=1e-6): ...
+
+    ``lr`` is the base learning rate per 256 images.
     """
 
     name: ClassVar[str]
@@ -224,6 +262,30 @@ class SSLMethod(nn.Module):
     default_lr: ClassVar[float]
     default_weight_decay: ClassVar[float]
     config_class: ClassVar[type[MethodConfig]]
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        config: type[MethodConfig] | None = None,
+        optimizer: str = "",
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:  # a subclass that shares code, not a method of its own
+            return
+        if config is None or not optimizer or lr <= 0:
+            raise ConfigError(
+                f"SSL method {name!r} ({cls.__name__}) must name its config class, optimizer "
+                f"and lr in its class line; got config={config}, optimizer={optimizer!r}, "
+                f"lr={lr}. See SSLMethod's docstring."
+            )
+        cls.name = cls.view_preset = name
+        cls.config_class = config
+        cls.default_optimizer, cls.default_lr, cls.default_weight_decay = optimizer, lr, weight_decay
+        METHODS.register(name)(cls)
 
     def __init__(self, encoder: nn.Module, config: MethodConfig) -> None:
         super().__init__()
@@ -246,13 +308,45 @@ class SSLMethod(nn.Module):
         """Extra low-resolution crops ``forward`` expects after the global views."""
         return 0
 
-    def projection_head(self, **head_kwargs: Any) -> nn.Module:
-        """The MLP from the embedding to the config's ``projection_dim`` through
-        ``projection_layers`` layers of ``projection_hidden_dim`` (SimCLR, SimSiam, VICReg,
-        Barlow Twins); ``head_kwargs`` go to :func:`mlp_head`."""
+    def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
+        self._check_views(views)
+        return self.step(views)
+
+    def step(self, views: Sequence[torch.Tensor]) -> StepOutput:
+        """``(loss, logs)`` for views that passed the checks.
+
+        This default encodes each view apart, projects it with ``self.projector`` and
+        scores the two projections with ``self.criterion.components(z1, z2)`` (a dict
+        of ``loss`` and its terms, all logged): Barlow Twins and VICReg. Other methods
+        override it.
+        """
+        h1, h2 = self.encoder(views[0]), self.encoder(views[1])
+        terms = self.criterion.components(self.projector(h1), self.projector(h2))
+        return self.output(terms, h1)
+
+    @staticmethod
+    def output(
+        terms: torch.Tensor | dict[str, torch.Tensor], embeddings: torch.Tensor, **extra: Any
+    ) -> StepOutput:
+        """``(loss, logs)`` from the loss (or a dict of ``loss`` and its terms) and the first
+        view's encoder embeddings, logged as their spread ``std``; ``extra`` is logged too."""
+        terms = terms if isinstance(terms, dict) else {"loss": terms}
+        return terms["loss"], detached_logs(**terms, std=embedding_std(embeddings), **extra)
+
+    def projection_head(self, layers: int | None = None, **head_kwargs: Any) -> nn.Module:
+        """The MLP from the embedding to the config's ``projection_dim`` through ``layers``
+        (default: the config's ``projection_layers``) layers of ``projection_hidden_dim``;
+        ``head_kwargs`` go to :func:`mlp_head`."""
         config = self.config
-        return mlp_head(layer_dims(self.embed_dim, config.projection_hidden_dim,
-                                   config.projection_dim, config.projection_layers), **head_kwargs)
+        layers = config.projection_layers if layers is None else layers
+        dims = layer_dims(self.embed_dim, config.projection_hidden_dim, config.projection_dim, layers)
+        return mlp_head(dims, **head_kwargs)
+
+    def prediction_head(self) -> nn.Module:
+        """The predictor ``projection_dim -> prediction_hidden_dim -> projection_dim``
+        (BYOL, SimSiam): Linear-BN-ReLU-Linear, as in both papers."""
+        config = self.config
+        return mlp_head([config.projection_dim, config.prediction_hidden_dim, config.projection_dim])
 
     def momentum_update(self, progress: float) -> None:
         """Update target networks after an optimizer step; no target network here."""
@@ -340,7 +434,3 @@ def detached_logs(**values: torch.Tensor | float) -> dict[str, torch.Tensor]:
             # torch.full is a kernel; torch.tensor(..., device=cuda) is a blocking host copy.
             logs[key] = torch.full((), float(value), device=device)
     return logs
-
-
-#: Name -> SSLMethod subclass; each method module registers itself on import.
-METHODS: Registry[type[SSLMethod]] = Registry("SSL method")

@@ -9,18 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_ssl.config import unit_interval
 from edge_ssl.train.methods.base import (
-    METHODS,
     MethodConfig,
     SSLMethod,
-    check_progress,
-    cosine_schedule,
-    detached_logs,
-    ema_update,
-    embedding_std,
-    full_precision,
+    StepOutput,
+    float32_loss,
+    follow_online,
     loss_dtype,
-    mlp_head,
     momentum_copy,
 )
 
@@ -43,11 +39,11 @@ class BYOLLoss(nn.Module):
     ``z2``: (N, D) target projections of views 1 and 2; returns a scalar.
     """
 
+    @float32_loss
     def forward(
         self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     ) -> torch.Tensor:
-        with full_precision(p1):
-            return normalized_mse(p1, z2.detach()).mean() + normalized_mse(p2, z1.detach()).mean()
+        return normalized_mse(p1, z2.detach()).mean() + normalized_mse(p2, z1.detach()).mean()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +61,12 @@ class BYOLConfig(MethodConfig):
     projection_hidden_dim: int = 2048
     projection_dim: int = 256
     prediction_hidden_dim: int = 2048
-    base_momentum: float = 0.99
-
-    def __post_init__(self) -> None:
-        self._integer("projection_hidden_dim")
-        self._integer("projection_dim")
-        self._integer("prediction_hidden_dim")
-        self._number("base_momentum", 0.0, 1.0)
+    base_momentum: float = unit_interval(0.99)
 
 
-@METHODS.register("byol")
-class BYOL(SSLMethod):
+class BYOL(
+    SSLMethod, name="byol", config=BYOLConfig, optimizer="lars", lr=0.2, weight_decay=1.5e-6
+):
     """BYOL (Grill et al., arXiv:2006.07733).
 
     Online: encoder -> projector -> predictor; target: EMA copies of encoder and
@@ -84,31 +75,16 @@ class BYOL(SSLMethod):
     0.2 per 256 images, weight decay 1.5e-6 (paper, Sec. 3.3). Keeps the online encoder.
     """
 
-    name = "byol"
-    view_preset = "byol"
-    default_optimizer = "lars"
-    default_lr = 0.2
-    default_weight_decay = 1.5e-6
-    config_class = BYOLConfig
-    config: BYOLConfig
-
     def __init__(self, encoder: nn.Module, config: BYOLConfig) -> None:
         super().__init__(encoder, config)
-        self.projector = mlp_head(
-            [self.embed_dim, config.projection_hidden_dim, config.projection_dim]
-        )
-        self.predictor = mlp_head(
-            [config.projection_dim, config.prediction_hidden_dim, config.projection_dim]
-        )
+        self.projector = self.projection_head(layers=2)
+        self.predictor = self.prediction_head()
         self.target_encoder = momentum_copy(self.encoder)
         self.target_projector = momentum_copy(self.projector)
         self.criterion = BYOLLoss()
         self.momentum = config.base_momentum
 
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
+    def step(self, views: Sequence[torch.Tensor]) -> StepOutput:
         x1, x2 = views
         h1, h2 = self.encoder(x1), self.encoder(x2)
         p1 = self.predictor(self.projector(h1))
@@ -117,10 +93,11 @@ class BYOL(SSLMethod):
             z1 = self.target_projector(self.target_encoder(x1))
             z2 = self.target_projector(self.target_encoder(x2))
         loss = self.criterion(p1, p2, z1, z2)
-        return loss, detached_logs(loss=loss, std=embedding_std(h1), momentum=self.momentum)
+        return self.output(loss, h1, momentum=self.momentum)
 
     def momentum_update(self, progress: float) -> None:
         """EMA of the target after a step; momentum goes base -> 1 along a cosine."""
-        self.momentum = cosine_schedule(self.config.base_momentum, 1.0, check_progress(progress))
-        ema_update(self.target_encoder, self.encoder, self.momentum)
-        ema_update(self.target_projector, self.projector, self.momentum)
+        self.momentum = follow_online(
+            self.config.base_momentum, progress,
+            (self.target_encoder, self.encoder), (self.target_projector, self.projector),
+        )

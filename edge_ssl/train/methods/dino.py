@@ -10,21 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_ssl.config import non_negative, positive, unit_interval
 from edge_ssl.errors import ConfigError
+from edge_ssl.train.distributed import mean_over_ranks
 from edge_ssl.train.methods.base import (
-    METHODS,
     MethodConfig,
     SSLMethod,
+    StepOutput,
     check_progress,
-    cosine_schedule,
-    detached_logs,
-    ema_update,
-    embedding_std,
     encode_grouped,
-    full_precision,
+    float32_loss,
+    follow_online,
     layer_dims,
-    loss_dtype,
-    mean_over_ranks,
     mlp_head,
     momentum_copy,
 )
@@ -65,9 +62,9 @@ class DINOLoss(nn.Module):
                 "DINOLoss needs at least 1 teacher and 2 student views; got "
                 f"{len(teacher_outputs)} teacher and {len(student_outputs)} student views."
             )
-        with full_precision(student_outputs[0]):
-            return self._components(student_outputs, teacher_outputs, teacher_temp, update_center)
+        return self._components(student_outputs, teacher_outputs, teacher_temp, update_center)
 
+    @float32_loss
     def _components(
         self,
         student_outputs: Sequence[torch.Tensor],
@@ -75,11 +72,11 @@ class DINOLoss(nn.Module):
         teacher_temp: float,
         update_center: bool,
     ) -> dict[str, torch.Tensor]:
-        teacher = [loss_dtype(t).detach() for t in teacher_outputs]
+        teacher = [t.detach() for t in teacher_outputs]
         center = self.center.to(teacher[0].dtype)
         teacher_probs = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
         student_log_probs = [
-            F.log_softmax(loss_dtype(s) / self.student_temp, dim=-1) for s in student_outputs
+            F.log_softmax(s / self.student_temp, dim=-1) for s in student_outputs
         ]
         total = student_log_probs[0].new_zeros(())
         pairs = 0
@@ -197,30 +194,14 @@ class DINOConfig(MethodConfig):
     head_layers: int = 3
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_fraction: float = 0.1
-    center_momentum: float = 0.9
-    base_momentum: float = 0.996
-    freeze_last_layer_fraction: float = 0.01
-    num_local_crops: int = 0
-
-    def __post_init__(self) -> None:
-        self._integer("out_dim")
-        self._integer("head_hidden_dim")
-        self._integer("head_bottleneck_dim")
-        self._integer("head_layers")
-        self._flag("use_bn_in_head")
-        self._flag("norm_last_layer")
-        self._number("student_temp", 0.0, None, low_open=True)
-        self._number("teacher_temp", 0.0, None, low_open=True)
-        self._number("warmup_teacher_temp", 0.0, None, low_open=True)
-        self._number("warmup_teacher_temp_fraction", 0.0, 1.0)
-        self._number("center_momentum", 0.0, 1.0)
-        self._number("base_momentum", 0.0, 1.0)
-        self._number("freeze_last_layer_fraction", 0.0, 1.0)
-        self._integer("num_local_crops", minimum=0)
+    student_temp: float = positive(0.1)
+    teacher_temp: float = positive(0.07)
+    warmup_teacher_temp: float = positive(0.04)
+    warmup_teacher_temp_fraction: float = unit_interval(0.1)
+    center_momentum: float = unit_interval(0.9)
+    base_momentum: float = unit_interval(0.996)
+    freeze_last_layer_fraction: float = unit_interval(0.01)
+    num_local_crops: int = non_negative(0)
 
     def teacher_temperature(self, progress: float) -> float:
         """Linear warm-up to ``teacher_temp`` over the warm-up fraction, constant after."""
@@ -232,8 +213,9 @@ class DINOConfig(MethodConfig):
         )
 
 
-@METHODS.register("dino")
-class DINO(SSLMethod):
+class DINO(
+    SSLMethod, name="dino", config=DINOConfig, optimizer="adamw", lr=5e-4, weight_decay=0.04
+):
     """DINO (Caron et al., arXiv:2104.14294): a student matches an EMA teacher's outputs.
 
     ``forward(views)`` takes the 2 global views, then ``num_local_crops`` local views
@@ -244,14 +226,6 @@ class DINO(SSLMethod):
     images, weight decay 0.04 (the paper raises it to 0.4 on a cosine; a constant
     is used here). Keeps the teacher backbone, which the paper finds better.
     """
-
-    name = "dino"
-    view_preset = "dino"
-    default_optimizer = "adamw"
-    default_lr = 5e-4
-    default_weight_decay = 0.04
-    config_class = DINOConfig
-    config: DINOConfig
 
     def __init__(self, encoder: nn.Module, config: DINOConfig) -> None:
         super().__init__(encoder, config)
@@ -278,10 +252,7 @@ class DINO(SSLMethod):
     def num_local_views(self) -> int:
         return self.config.num_local_crops
 
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
+    def step(self, views: Sequence[torch.Tensor]) -> StepOutput:
         if self._progress_host is None:
             self._progress_host = float(self.progress)
         progress = self._progress_host
@@ -295,18 +266,17 @@ class DINO(SSLMethod):
             ).split(batch)
         teacher_temp = self.config.teacher_temperature(progress)
         terms = self.criterion.components(student, teacher, teacher_temp)
-        return terms["loss"], detached_logs(
-            **terms, std=embedding_std(features[:batch]), teacher_temp=teacher_temp
-        )
+        return self.output(terms, features[:batch], teacher_temp=teacher_temp)
 
     def momentum_update(self, progress: float) -> None:
         """EMA of the teacher after a step (momentum base -> 1 on a cosine); records progress."""
         progress = check_progress(progress)
         self.progress.fill_(progress)
         self._progress_host = progress
-        self.momentum = cosine_schedule(self.config.base_momentum, 1.0, progress)
-        ema_update(self.teacher_encoder, self.encoder, self.momentum)
-        ema_update(self.teacher_head, self.head, self.momentum)
+        self.momentum = follow_online(
+            self.config.base_momentum, progress,
+            (self.teacher_encoder, self.encoder), (self.teacher_head, self.head),
+        )
 
     def trained_encoder(self) -> nn.Module:
         return self.teacher_encoder

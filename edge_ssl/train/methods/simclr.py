@@ -9,17 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_ssl.train.methods.base import (
-    METHODS,
-    MethodConfig,
-    SSLMethod,
-    detached_logs,
-    embedding_std,
-    full_precision,
-    gather_batch,
-    loss_dtype,
-    rank,
-)
+from edge_ssl.config import positive
+from edge_ssl.train.distributed import gather_batch, rank
+from edge_ssl.train.methods.base import ProjectionConfig, SSLMethod, StepOutput, float32_loss
 
 
 class NTXentLoss(nn.Module):
@@ -39,13 +31,10 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
+    @float32_loss
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        with full_precision(z1):
-            return self._loss(z1, z2)
-
-    def _loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        z1 = F.normalize(loss_dtype(z1), dim=1)
-        z2 = F.normalize(loss_dtype(z2), dim=1)
+        z1 = F.normalize(z1, dim=1)
+        z2 = F.normalize(z2, dim=1)
         keys1, keys2 = gather_batch(z1), gather_batch(z2)
         batch = z1.shape[0]
         labels = torch.arange(batch, device=z1.device) + rank() * batch
@@ -64,7 +53,7 @@ class NTXentLoss(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(ProjectionConfig):
     """SimCLR settings.
 
     - ``temperature`` 0.5: the paper's CIFAR-10 choice (App. B.9); its ImageNet runs use 0.1.
@@ -74,20 +63,14 @@ class SimCLRConfig(MethodConfig):
     - ``projection_layers`` 2 (SimCLR v1; SimCLR v2, arXiv:2006.10029, uses 3).
     """
 
-    temperature: float = 0.5
-    projection_hidden_dim: int = 2048
     projection_dim: int = 128
     projection_layers: int = 2
-
-    def __post_init__(self) -> None:
-        self._number("temperature", 0.0, None, low_open=True)
-        self._integer("projection_hidden_dim")
-        self._integer("projection_dim")
-        self._integer("projection_layers")
+    temperature: float = positive(0.5)
 
 
-@METHODS.register("simclr")
-class SimCLR(SSLMethod):
+class SimCLR(
+    SSLMethod, name="simclr", config=SimCLRConfig, optimizer="lars", lr=0.3, weight_decay=1e-6
+):
     """SimCLR (Chen et al., arXiv:2002.05709): encoder + MLP projector + NT-Xent.
 
     Both views go through the encoder in one batch so BatchNorm sees all 2N images,
@@ -95,25 +78,14 @@ class SimCLR(SSLMethod):
     256 images, weight decay 1e-6 (paper, Sec. 2.3).
     """
 
-    name = "simclr"
-    view_preset = "simclr"
-    default_optimizer = "lars"
-    default_lr = 0.3
-    default_weight_decay = 1e-6
-    config_class = SimCLRConfig
-    config: SimCLRConfig
-
     def __init__(self, encoder: nn.Module, config: SimCLRConfig) -> None:
         super().__init__(encoder, config)
         self.projector = self.projection_head()
         self.criterion = NTXentLoss(config.temperature)
 
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
+    def step(self, views: Sequence[torch.Tensor]) -> StepOutput:
         features = self.encoder(torch.cat(list(views)))
         z1, z2 = self.projector(features).chunk(2)
         loss = self.criterion(z1, z2)
         h1 = features[: views[0].shape[0]]
-        return loss, detached_logs(loss=loss, std=embedding_std(h1))
+        return self.output(loss, h1)

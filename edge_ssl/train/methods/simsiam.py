@@ -9,16 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_ssl.train.methods.base import (
-    METHODS,
-    MethodConfig,
-    SSLMethod,
-    detached_logs,
-    embedding_std,
-    full_precision,
-    loss_dtype,
-    mlp_head,
-)
+from edge_ssl.train.methods.base import ProjectionConfig, SSLMethod, StepOutput, float32_loss
 
 
 class NegativeCosineLoss(nn.Module):
@@ -32,17 +23,17 @@ class NegativeCosineLoss(nn.Module):
     (N, D) projections of views 1 and 2; returns a scalar.
     """
 
+    @float32_loss
     def forward(
         self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     ) -> torch.Tensor:
-        with full_precision(p1):
-            d12 = -F.cosine_similarity(loss_dtype(p1), loss_dtype(z2.detach()), dim=1).mean()
-            d21 = -F.cosine_similarity(loss_dtype(p2), loss_dtype(z1.detach()), dim=1).mean()
-            return d12 / 2 + d21 / 2
+        d12 = -F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+        d21 = -F.cosine_similarity(p2, z1.detach(), dim=1).mean()
+        return d12 / 2 + d21 / 2
 
 
 @dataclasses.dataclass(frozen=True)
-class SimSiamConfig(MethodConfig):
+class SimSiamConfig(ProjectionConfig):
     """SimSiam settings.
 
     - ``projection_hidden_dim`` 2048, ``projection_dim`` 2048: as in the paper.
@@ -53,20 +44,13 @@ class SimSiamConfig(MethodConfig):
     - ``prediction_hidden_dim`` 512: the paper's bottleneck predictor (2048-512-2048).
     """
 
-    projection_hidden_dim: int = 2048
-    projection_dim: int = 2048
     projection_layers: int = 2
     prediction_hidden_dim: int = 512
 
-    def __post_init__(self) -> None:
-        self._integer("projection_hidden_dim")
-        self._integer("projection_dim")
-        self._integer("projection_layers")
-        self._integer("prediction_hidden_dim")
 
-
-@METHODS.register("simsiam")
-class SimSiam(SSLMethod):
+class SimSiam(
+    SSLMethod, name="simsiam", config=SimSiamConfig, optimizer="sgd", lr=0.03, weight_decay=5e-4
+):
     """SimSiam (Chen & He, arXiv:2011.10566): encoder -> projector -> predictor.
 
     Optimizer: SGD (momentum 0.9), base lr 0.03 per 256 images and weight decay
@@ -74,29 +58,15 @@ class SimSiam(SSLMethod):
     Keeps the online encoder.
     """
 
-    name = "simsiam"
-    view_preset = "simsiam"
-    default_optimizer = "sgd"
-    default_lr = 0.03
-    default_weight_decay = 5e-4
-    config_class = SimSiamConfig
-    config: SimSiamConfig
-
     def __init__(self, encoder: nn.Module, config: SimSiamConfig) -> None:
         super().__init__(encoder, config)
         self.projector = self.projection_head(last_batch_norm=True, last_affine=False)
-        self.predictor = mlp_head(
-            [config.projection_dim, config.prediction_hidden_dim, config.projection_dim]
-        )
+        self.predictor = self.prediction_head()
         self.criterion = NegativeCosineLoss()
 
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
-        x1, x2 = views
-        h1, h2 = self.encoder(x1), self.encoder(x2)
+    def step(self, views: Sequence[torch.Tensor]) -> StepOutput:
+        h1, h2 = self.encoder(views[0]), self.encoder(views[1])
         z1, z2 = self.projector(h1), self.projector(h2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = self.criterion(p1, p2, z1, z2)
-        return loss, detached_logs(loss=loss, std=embedding_std(h1))
+        return self.output(loss, h1)

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_ssl.train.methods.base import (
-    METHODS,
-    MethodConfig,
-    SSLMethod,
-    detached_logs,
-    embedding_std,
-    full_precision,
-    gather_batch,
-    loss_dtype,
-    off_diagonal,
-)
+from edge_ssl.config import non_negative, positive
+from edge_ssl.train.distributed import gather_batch
+from edge_ssl.train.methods.base import ProjectionConfig, SSLMethod, float32_loss, off_diagonal
 
 
 class VICRegLoss(nn.Module):
@@ -55,12 +46,9 @@ class VICRegLoss(nn.Module):
         self.variance_target = variance_target
         self.eps = eps
 
+    @float32_loss
     def components(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss``, ``invariance``, ``variance``, ``covariance`` for (N, D) ``z1``, ``z2``."""
-        with full_precision(z1):
-            return self._components(loss_dtype(z1), loss_dtype(z2))
-
-    def _components(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         invariance = F.mse_loss(z1, z2)
         variance = (self._variance(gather_batch(z1)) + self._variance(gather_batch(z2))) / 2
         covariance = self._covariance(gather_batch(z1)) + self._covariance(gather_batch(z2))
@@ -92,7 +80,7 @@ class VICRegLoss(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class VICRegConfig(MethodConfig):
+class VICRegConfig(ProjectionConfig):
     """VICReg settings.
 
     - ``projection_hidden_dim`` 2048, ``projection_dim`` 2048, ``projection_layers`` 3:
@@ -102,42 +90,22 @@ class VICRegConfig(MethodConfig):
       (lambda, mu, nu), ``variance_target`` 1 (gamma), ``variance_eps`` 1e-4: the paper's.
     """
 
-    projection_hidden_dim: int = 2048
-    projection_dim: int = 2048
-    projection_layers: int = 3
-    invariance_weight: float = 25.0
-    variance_weight: float = 25.0
-    covariance_weight: float = 1.0
-    variance_target: float = 1.0
-    variance_eps: float = 1e-4
-
-    def __post_init__(self) -> None:
-        self._integer("projection_hidden_dim")
-        self._integer("projection_dim")
-        self._integer("projection_layers")
-        self._number("invariance_weight", 0.0, None)
-        self._number("variance_weight", 0.0, None)
-        self._number("covariance_weight", 0.0, None)
-        self._number("variance_target", 0.0, None, low_open=True)
-        self._number("variance_eps", 0.0, None, low_open=True)
+    invariance_weight: float = non_negative(25.0)
+    variance_weight: float = non_negative(25.0)
+    covariance_weight: float = non_negative(1.0)
+    variance_target: float = positive(1.0)
+    variance_eps: float = positive(1e-4)
 
 
-@METHODS.register("vicreg")
-class VICReg(SSLMethod):
+class VICReg(
+    SSLMethod, name="vicreg", config=VICRegConfig, optimizer="lars", lr=0.2, weight_decay=1e-6
+):
     """VICReg (Bardes, Ponce & LeCun, arXiv:2105.04906): encoder -> expander -> VICReg loss.
 
     The expander is Linear-BN-ReLU for each hidden layer and a plain Linear output,
     as in the paper. Optimizer: LARS, base lr 0.2 per 256 images, weight decay 1e-6
     (as the paper). Keeps the online encoder.
     """
-
-    name = "vicreg"
-    view_preset = "vicreg"
-    default_optimizer = "lars"
-    default_lr = 0.2
-    default_weight_decay = 1e-6
-    config_class = VICRegConfig
-    config: VICRegConfig
 
     def __init__(self, encoder: nn.Module, config: VICRegConfig) -> None:
         super().__init__(encoder, config)
@@ -149,12 +117,3 @@ class VICReg(SSLMethod):
             variance_target=config.variance_target,
             eps=config.variance_eps,
         )
-
-    def forward(
-        self, views: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_views(views)
-        x1, x2 = views
-        h1, h2 = self.encoder(x1), self.encoder(x2)
-        terms = self.criterion.components(self.projector(h1), self.projector(h2))
-        return terms["loss"], detached_logs(**terms, std=embedding_std(h1))
