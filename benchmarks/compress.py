@@ -300,11 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(meter.row("prune", pruned))
 
     t0 = time.perf_counter()
-    quantized, report = quantize(pruned, QuantizeConfig(
+    quantized = quantize(pruned, QuantizeConfig(
         target="ort-cpu" if args.profile is None else "tensorrt", precision=args.precision if args.profile else "int8",
         calibration="minmax", calibration_images=settings["calibration_images"],
         min_cosine=0.98, max_fallback=4,
     ), unlabeled.images, workdir / "3-int8.edge", overwrite=True, log=log)
+    quantized, report = quantized.bundle, quantized.report
     timings["quantize_s"] = time.perf_counter() - t0
     rows.append(meter.row("int8", quantized))
 

@@ -59,7 +59,7 @@ def export_both(bundle: Path, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for precision in ("fp32", "fp16"):
         start = time.perf_counter()
-        exported = export_bundle(bundle, root / f"{bundle.stem}_{precision}.edge", fp16=precision == "fp16")
+        exported = export_bundle(bundle, root / f"{bundle.stem}_{precision}.edge", fp16=precision == "fp16").bundle
         out[precision] = {"bundle": exported, "seconds": time.perf_counter() - start,
                           "parity": exported.manifest.metrics["export"]["parity"]}
     return out
@@ -196,7 +196,7 @@ def _tensorrt_latency(student: Path, root: Path, args: argparse.Namespace) -> di
     from edge_ssl.runtime.build import build_bundle
     from edge_ssl.runtime.export import export_bundle
 
-    exported = export_bundle(student, root / "student_trt_src.edge", fp16=True)
+    exported = export_bundle(student, root / "student_trt_src.edge", fp16=True).bundle
     built = build_bundle(exported, root / "student_trt.edge", precision="fp16")
     return latency(built, "tensorrt", args)
 

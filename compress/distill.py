@@ -13,14 +13,15 @@ from edge_ssl.compress.distill_config import (
     DistillProgress,
     DistillResult,
 )
+from edge_ssl.compress.stage_graph import ship_graph
 
 from edge_ssl.bundle import Bundle
 from edge_ssl.config import config_to_dict
 from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import DataError
-from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.outputs import check_bundle_out, checkpoint_dir
+from edge_ssl.stage import open_float_parent
 
 
 def check_pairing(teacher_spec: Any, student_spec: Any) -> None:
@@ -35,11 +36,8 @@ def check_pairing(teacher_spec: Any, student_spec: Any) -> None:
 
 def load_teacher(path: str | os.PathLike | Bundle, stage: str = "distill") -> tuple[Bundle, Any]:
     """(float bundle, encoder) for a teacher; a quantized bundle is traced to its float parent."""
-    from edge_ssl.models import load_encoder
-
-    bundle = path if isinstance(path, Bundle) else Bundle.open(path, verify=True)
-    source = require_float_weights(bundle, stage)
-    return source, load_encoder(source)
+    _, source, encoder = open_float_parent(path, stage)
+    return source, encoder
 
 
 def distill(
@@ -51,12 +49,14 @@ def distill(
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[DistillProgress], None] | None = None,
+    with_graph: bool = False,
 ) -> DistillResult:
     """Distill ``teacher`` into a new ``config.student`` encoder and write it to ``out``.
 
     Checks the output, the pairing and the data before training; checkpoints every epoch
     to ``checkpoint_dir(out)``; with ``resume`` continues from there. Under torchrun every
-    rank trains its shard and rank 0 writes the bundle.
+    rank trains its shard and rank 0 writes the bundle. ``with_graph`` ships the student's
+    parity-checked ONNX graph in the bundle too (what compress measures).
     """
     out = Path(out)
     check_bundle_out(out, overwrite=overwrite or resume)
@@ -75,11 +75,12 @@ def distill(
             "num_images": len(data),
             "student_init": init,
         }
-        result.bundle = write_stage_bundle(
+        result.wrote(write_stage_bundle(
             out, result.encoder, stage="distill", parent=teacher_encoder, images=data.images,
             lineage=teacher_bundle.child_lineage("distill", settings),
             metrics=_metrics(result, config), overwrite=overwrite or resume,
-        )
+            attach=ship_graph(result.encoder, data.images, str(out)) if with_graph else None,
+        ))
     return result
 
 

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_ssl.bundle import Bundle
 from edge_ssl.config import check_choice, check_positive, config_from_dict
 from edge_ssl.errors import ConfigError, EdgeSSLError
+from edge_ssl.stage import StageResult
 from edge_ssl.train.pretrain import ProgressEvent
 
 OBJECTIVES = ("feature", "seed", "ssl")
@@ -108,7 +108,7 @@ DistillProgress = ProgressEvent
 
 
 @dataclass
-class DistillResult:
+class DistillResult(StageResult):
     """The trained student (CPU, eval mode), its history; ``bundle`` when one was written."""
 
     encoder: Any
@@ -116,5 +116,4 @@ class DistillResult:
     final_loss: float
     images_per_second: float
     seconds: float
-    bundle: Bundle | None = None
     rank: int = 0  # this process's rank under torchrun; only rank 0 writes the bundle

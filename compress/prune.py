@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_ssl.compress.stage_graph import ship_graph
+
 from edge_ssl.bundle import Bundle
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, EdgeSSLError
-from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.outputs import check_bundle_out
 from edge_ssl.spec import EncoderSpec
+from edge_ssl.stage import StageResult, open_float_parent
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 SCOPES = ("global", "uniform")
@@ -96,12 +98,11 @@ class PruneConfig:
 
 
 @dataclass
-class PruneResult:
+class PruneResult(StageResult):
     """The pruned encoder (CPU, eval), per-step sizes; ``bundle`` when one was written."""
 
     encoder: Any
     steps: list[dict[str, Any]]
-    bundle: Bundle | None = None
 
 
 def board_round_to(profile: Any, precision: str) -> int:
@@ -406,17 +407,15 @@ def prune(
     *,
     overwrite: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    with_graph: bool = False,
 ) -> PruneResult:
-    """Prune a float bundle's encoder and write the pruned bundle to ``out`` (the input is untouched)."""
+    """Prune a float bundle's encoder and write the pruned bundle to ``out`` (the input is
+    untouched); ``with_graph`` ships its parity-checked ONNX graph too (what compress measures)."""
     from edge_ssl.compress.distill import check_data
-
-    from edge_ssl.models import load_encoder
 
     out = Path(out)
     check_bundle_out(out, overwrite=overwrite)
-    parent = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=True)
-    source = require_float_weights(parent, "prune")
-    encoder = load_encoder(source)
+    _, source, encoder = open_float_parent(bundle, "prune")
     if data is not None:
         check_data(data, encoder.spec, min(config.batch_size, 2))
     elif config.importance == "taylor" or config.recovery_epochs:
@@ -424,13 +423,15 @@ def prune(
     result = prune_encoder(encoder, config, data, progress=progress)
     settings = config_to_dict(config) | {"data": None if data is None else data.source}
     first, last = result.steps[0], result.steps[-1]
+    images = None if data is None else data.images
     metrics = {
         "params": last["params"], "macs": last["macs"],
         "prune": {"params_before": first["params"], "macs_before": first["macs"],
                   "params_kept": last["params"] / first["params"], "steps": result.steps},
     }
-    result.bundle = write_stage_bundle(
+    result.wrote(write_stage_bundle(
         out, result.encoder, stage="prune", parent=encoder,
-        images=None if data is None else data.images,
-        lineage=source.child_lineage("prune", settings), metrics=metrics, overwrite=overwrite)
+        images=images,
+        lineage=source.child_lineage("prune", settings), metrics=metrics, overwrite=overwrite,
+        attach=ship_graph(result.encoder, images, str(out)) if with_graph else None))
     return result

@@ -15,8 +15,8 @@ from edge_ssl.bundle import Bundle, BundleWriter, carried_files
 from edge_ssl.config import check_choice, check_int, check_number, config_from_dict, config_to_dict
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
 from edge_ssl.lazy import require
-from edge_ssl.lineage import require_float_weights
 from edge_ssl.outputs import check_bundle_out
+from edge_ssl.stage import StageResult, open_float_parent
 
 PRECISIONS = ("int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -370,7 +370,7 @@ def quantize(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     finish: Callable[[Path, QuantizeReport], tuple[Mapping[str, Any], Mapping[str, Path]]] | None = None,
-) -> tuple[Bundle, QuantizeReport]:
+) -> QuantizeResult:
     """Quantize a float bundle's encoder to INT8 (or FP16) and write a new bundle to ``out``.
 
     ``finish(graph, report)``, when given, returns (lineage settings, extra files) added to the
@@ -382,13 +382,9 @@ def quantize(
     """
     from edge_ssl.compress.calibration import ImageCalibrationReader, check_calibration_images
 
-    from edge_ssl.models import load_encoder
-
     out = Path(out)
     check_bundle_out(out, overwrite=overwrite)
-    parent = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=True)
-    source = require_float_weights(parent, "quantize")
-    encoder = load_encoder(source)
+    parent, source, encoder = open_float_parent(bundle, "quantize")
     spec = encoder.spec.input
     images = check_calibration_images(images, spec, minimum=1)
     images = images[: check_calibration_settings(config, len(images))]
@@ -418,7 +414,16 @@ def quantize(
                 lineage=parent.child_lineage("quantize", settings),
                 precision=config.precision, metrics=metrics,
             )
-    return written, report
+    result = QuantizeResult(report=report)
+    result.wrote(written)
+    return result
+
+
+@dataclass(kw_only=True)
+class QuantizeResult(StageResult):
+    """The quantized bundle, its metrics and the quantization report (trials, fallback)."""
+
+    report: QuantizeReport
 
 
 def _settings(config: QuantizeConfig, images_used: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_ssl.bundle import Bundle, read_results, record_results, results_path
+from edge_ssl.bundle import Bundle, read_results, record_results, results_path, sha256_file
 from edge_ssl.config import check_choice, config_from_dict, config_to_dict
 from edge_ssl.data.sources import ImageDataset
 from edge_ssl.errors import ConfigError, DataError, EdgeSSLError
@@ -237,6 +237,9 @@ class StageRow:
     board_precision: str | None = None
     launch_bound_share: float | None = None
     budget_kind: str | None = MEASURED_HOST
+    #: the ONNX graph the row was measured on, and whether it is the bundle's own model.onnx
+    graph_sha256: str | None = None
+    graph_shipped: bool = False
 
     def budget_ms(self) -> float | None:
         """The latency the budget is checked on (None: none that may be, e.g. tensorrt, no board)."""
@@ -325,17 +328,17 @@ class StageMeter:
         if bundle.has("model.pt"):
             encoder = load_encoder(bundle)
             sizes = model_metrics(encoder)
-            graph = self._export(encoder, name)
         else:
-            graph = bundle.file("model.onnx")
             sizes = {k: bundle.manifest.metrics.get(k) for k in ("params", "macs")}
+        graph = _shipped_graph(bundle) or self._export(encoder, name)
         top1 = None
         if self.knn is not None:
             top1 = self.knn.top1(lambda images: onnx_embed(graph, images, spec))
         latency = self._latency(graph, spec)
         row = StageRow(name, str(bundle.path), sizes["params"], sizes["macs"], graph.stat().st_size, top1,
                        latency, "measured-host: onnxruntime CPU on this machine", bundle.manifest.precision,
-                       budget_kind=MEASURED_HOST if self.recipe.target == "ort-cpu" else None)
+                       budget_kind=MEASURED_HOST if self.recipe.target == "ort-cpu" else None,
+                       graph_sha256=sha256_file(graph), graph_shipped=bundle.has("model.onnx"))
         if self.recipe.profile is not None:
             prediction = self._board(row, graph)
             if record:
@@ -367,6 +370,16 @@ class StageMeter:
 
         return ort_latency_ms(graph, spec, self.recipe.latency_batch, seconds=self.recipe.bench_seconds,
                               threads=self.recipe.threads)
+
+
+def _shipped_graph(bundle: Bundle) -> Path | None:
+    """The graph ``bundle`` ships when it is the one to measure: a quantized bundle's, or a
+    float bundle's own default export (a compress stage's); else None (export one)."""
+    from edge_ssl.runtime.export import EXPORT_DEFAULTS, shipped_graph
+
+    if not bundle.has("model.pt"):
+        return bundle.file("model.onnx")
+    return shipped_graph(bundle, dict(EXPORT_DEFAULTS))
 
 
 def _record_prediction(bundle: Bundle, prediction: Any) -> None:
@@ -636,13 +649,14 @@ def _stage_plan(recipe: RecipeConfig, data: ImageDataset, knn: Any | None,
     plan: list[tuple[str, Any, StageRunner]] = []
     if (dconf := recipe.distill_config()) is not None:
         plan.append(("distill", dconf, lambda parent, path, resume: distill(
-            parent, dconf, data, path, resume=resume, progress=progress).bundle))
+            parent, dconf, data, path, resume=resume, progress=progress, with_graph=True).bundle))
     if (pconf := recipe.prune_config()) is not None:
-        plan.append(("prune", pconf, lambda parent, path, _resume: prune(parent, pconf, data, path).bundle))
+        plan.append(("prune", pconf, lambda parent, path, _resume: prune(
+            parent, pconf, data, path, with_graph=True).bundle))
     if (qconf := recipe.quantize_config()) is not None:
         plan.append(("quantize", qconf, lambda parent, path, _resume: quantize(
             parent, qconf, data.images, path, knn=knn,
-            log=lambda m: say(compress_terms("quantize", m)))[0]))
+            log=lambda m: say(compress_terms("quantize", m))).bundle))
     return plan
 
 
@@ -731,7 +745,8 @@ def _matching_stage(path: Path, key: str, parent: Bundle, settings: Mapping[str,
 
 def stage_key(name: str, parent_sha256: str, settings: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     """What a stage's output depends on: its parent bundle, its settings and its images."""
-    text = json.dumps({"stage": name, "parent": parent_sha256, "settings": settings, "data": data},
+    text = json.dumps({"stage": name, "parent": parent_sha256, "settings": settings, "data": data,
+                       "ships": "model.onnx"},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

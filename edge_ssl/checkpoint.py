@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from edge_ssl.errors import CheckpointError, ConfigError
 from edge_ssl.models import ENCODERS, Encoder, create_encoder
+from edge_ssl.stage import StageResult
 from edge_ssl.torchio import read_checkpoint as read_checkpoint
 
 SOURCE_FORMATS = (
@@ -144,6 +146,34 @@ def import_checkpoint(
     strict: a shape that does not fit or a missing tensor raises CheckpointError.
     """
     return import_checkpoint_dict(read_checkpoint(path), arch, source=str(path), **arch_kwargs)
+
+
+@dataclass(kw_only=True)
+class ImportResult(StageResult):
+    """The imported bundle, its metrics and what the checkpoint's keys became."""
+
+    report: ImportReport
+
+
+def import_bundle(checkpoint: str | os.PathLike, arch: str, out: str | os.PathLike, *,
+                  overwrite: bool = False, **arch_kwargs: Any) -> ImportResult:
+    """Stage "import": a foreign checkpoint -> a bundle at ``out`` (output checked first,
+    the model's embeddings checked before it is written)."""
+    from edge_ssl.bundle import lineage_entry, sha256_file
+    from edge_ssl.models import count_parameters
+    from edge_ssl.output_check import write_stage_bundle
+    from edge_ssl.outputs import check_bundle_out
+
+    check_bundle_out(out, overwrite=overwrite)
+    encoder, report = import_checkpoint(checkpoint, arch, **arch_kwargs)
+    settings = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+                "source_format": report.source_format, "arch": arch, "arch_kwargs": arch_kwargs,
+                "mapped": len(report.mapped), "dropped": len(report.dropped)}
+    result = ImportResult(report=report)
+    result.wrote(write_stage_bundle(
+        out, encoder, stage="import", lineage=(lineage_entry("import", settings),),
+        metrics={"params": count_parameters(encoder)}, overwrite=overwrite))
+    return result
 
 
 def import_checkpoint_dict(

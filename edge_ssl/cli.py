@@ -170,28 +170,11 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a bundle from a foreign checkpoint (torchvision, timm, DINO, solo-learn, lightly, MoCo)."""
-    from edge_ssl.bundle import lineage_entry, sha256_file
-    from edge_ssl.checkpoint import import_checkpoint
-    from edge_ssl.models import count_parameters
-    from edge_ssl.output_check import write_stage_bundle
-    from edge_ssl.outputs import check_bundle_out
+    from edge_ssl.checkpoint import import_bundle
 
-    arch_kwargs = parse_key_values(arch_opt, "--arch-opt")
-    check_bundle_out(out, overwrite=overwrite)
-    encoder, report = import_checkpoint(checkpoint, arch, **arch_kwargs)
-    settings = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "source_format": report.source_format,
-        "arch": arch,
-        "arch_kwargs": arch_kwargs,
-        "mapped": len(report.mapped),
-        "dropped": len(report.dropped),
-    }
-    bundle = write_stage_bundle(
-        out, encoder, stage="import", lineage=(lineage_entry("import", settings),),
-        metrics={"params": count_parameters(encoder)}, overwrite=overwrite,
-    )
+    result = import_bundle(checkpoint, arch, out, overwrite=overwrite,
+                           **parse_key_values(arch_opt, "--arch-opt"))
+    bundle, report = result.bundle, result.report
     if as_json:
         emit_json(
             {

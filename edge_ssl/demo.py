@@ -224,7 +224,7 @@ def stage_export(run: DemoRun) -> None:
     for stage in ("teacher", "student", "pruned"):
         if stage in run.bundles:
             run.rows[stage] = export_bundle(run.bundles[stage], run.out / f"{stage}-onnx.edge",
-                                            parity_images=run.test.images[:16], overwrite=True)
+                                            parity_images=run.test.images[:16], overwrite=True).bundle
             parity = run.rows[stage].manifest.metrics["export"]["parity"]
             run.log(f"      {stage}: parity min cosine {parity.get('min_cosine', float('nan')):.6f}")
 
@@ -237,9 +237,9 @@ def stage_quantize(run: DemoRun) -> None:
     source = next((s for s in ("pruned", "student", "teacher") if s in run.bundles), None)
     config = QuantizeConfig(precision="int8", target="ort-cpu",
                             calibration_images=min(run.config.calibration_images, len(run.train)))
-    bundle, report = quantize(run.bundles[source], config, run.train.images, run.out / "int8.edge",
-                              overwrite=True)
-    run.rows["int8"] = bundle
+    quantized = quantize(run.bundles[source], config, run.train.images, run.out / "int8.edge",
+                         overwrite=True)
+    run.rows["int8"] = quantized.bundle
     run.log(f"      INT8 of the {source} model ({config.calibration_images} calibration images)")
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,6 +142,11 @@ def check_graph(stage: str, embed_graph: Callable[[np.ndarray], np.ndarray], inp
     return check_embeddings(stage, embed_graph(probe), reference)
 
 
+#: ``attach(folder)`` -> (extra files written into ``folder``, extra metrics): what a stage
+#: adds to its bundle once the output check passed (compress: the graph it measured).
+Attach = Callable[[Path], tuple[Mapping[str, Path], Mapping[str, Any]]]
+
+
 def write_stage_bundle(
     out: str | os.PathLike,
     encoder: Any,
@@ -150,14 +157,24 @@ def write_stage_bundle(
     images: np.ndarray | None = None,
     metrics: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Any] | None = None,
+    attach: Attach | None = None,
     overwrite: bool = False,
 ) -> Any:
     """Check ``encoder``'s output (against ``parent``, the encoder it came from) on probe
     images, then write it with :func:`edge_ssl.bundle.write_encoder_bundle`; the check goes
-    into the metrics as ``output_check``. A degenerate model raises and writes nothing."""
+    into the metrics as ``output_check``, and ``attach``'s files and metrics (made only after
+    the check passed) into the bundle. A degenerate model raises and writes nothing."""
     from edge_ssl.bundle import write_encoder_bundle
 
     check = check_encoder(stage, encoder, parent, images)
     metrics = {**dict(metrics or {}), "output_check": check.to_dict()}
-    return write_encoder_bundle(out, encoder, lineage=lineage, metrics=metrics,
-                                extra_files=extra_files, overwrite=overwrite)
+    files = dict(extra_files or {})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.attach-") as tmp:
+        if attach is not None:
+            attached, more = attach(Path(tmp))
+            files.update(attached)
+            metrics.update(more)
+        return write_encoder_bundle(out, encoder, lineage=lineage, metrics=metrics,
+                                    extra_files=files, overwrite=overwrite)

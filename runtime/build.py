@@ -138,7 +138,7 @@ def refit_bundle(engine_bundle: Any, weights_bundle: Any, out: str | os.PathLike
         )
     settings = {k: v for k, v in exported.items() if k in EXPORT_SETTINGS}
     with BundleWriter(out, overwrite=overwrite) as writer, tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
-        fresh = export_bundle(weights_bundle, Path(tmp) / "weights.edge", **settings)
+        fresh = export_bundle(weights_bundle, Path(tmp) / "weights.edge", **settings).bundle
         for name in ("model.pt", ONNX_NAME):
             writer.copy_file(name, fresh.file(name))
         rel = engine.relative_to(engine_bundle.path).as_posix()

@@ -31,6 +31,9 @@ OUTPUT_NAME = "embeddings"
 #: Scale-relative max error allowed besides the cosine floor, by graph precision.
 MAX_REL = {"fp32": 1e-3, "fp16": 3e-2}
 PARITY_IMAGES = 64
+#: What `edge-ssl export` writes by default, and the graph every compress float stage ships.
+EXPORT_DEFAULTS = {"opset": 17, "fp16": False, "dynamic_batch": True, "bake_normalization": False,
+                   "exporter": "torchscript"}
 #: Ops a clean inference graph must not contain (they block INT8 fusion and TensorRT tactics).
 TRAINING_OPS = ("BatchNormalization", "Dropout", "Identity")
 
@@ -270,7 +273,7 @@ def default_parity_images(data: Sequence[str] | None = None, limit: int = PARITY
 
 
 def export_bundle(
-    bundle_path: Any,
+    bundle_path: str | os.PathLike | Any,
     out: str | os.PathLike,
     *,
     opset: int = 17,
@@ -283,11 +286,14 @@ def export_bundle(
 ) -> Any:
     """A new bundle = the parent's model.pt + a parity-checked model.onnx (stage "export").
 
-    ``parity_images``: uint8 NHWC images, data source paths, or None (embedded digits).
-    Nothing is written when export or parity fails.
+    ``parity_images``: uint8 NHWC images, data source paths, or None (embedded digits). A
+    parent that already ships the graph these settings make (a compress stage: the graph its
+    kNN and latency were measured on) gives that graph, parity-checked again, instead of a
+    new export. Returns a ``StageResult``; nothing is written when export or parity fails.
     """
     from edge_ssl.bundle import Bundle, carried_files, write_encoder_bundle
     from edge_ssl.models import load_encoder
+    from edge_ssl.stage import StageResult
 
     _check_export_args(opset, exporter)
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
@@ -302,19 +308,52 @@ def export_bundle(
     settings = {"opset": opset, "fp16": fp16, "dynamic_batch": dynamic_batch,
                 "bake_normalization": bake_normalization, "exporter": exporter}
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
-        onnx_path = export_encoder_onnx(encoder, Path(tmp) / "model.onnx", **settings)
-        report = check_parity(encoder, onnx_path, images, bundle.manifest.input, fp16=fp16)
-        require_parity(report, f"{bundle.path} -> {out}")
-        metrics = {**bundle.manifest.metrics, "export": {
-            **settings, "normalization": "baked" if bake_normalization else "outside",
-            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-            "parity": report.to_dict(), "ops": graph_op_counts(onnx_path)}}
-        return write_encoder_bundle(
+        graph = Path(tmp) / "model.onnx"
+        record = export_checked(encoder, graph, images, settings, where=f"{bundle.path} -> {out}",
+                                shipped=shipped_graph(bundle, settings))
+        metrics = {**bundle.manifest.metrics, "export": record}
+        result = StageResult()
+        result.wrote(write_encoder_bundle(
             out, encoder, lineage=bundle.child_lineage("export", settings), metrics=metrics,
-            extra_files={"model.onnx": onnx_path, **carried_files(bundle)},
+            extra_files={"model.onnx": graph, **carried_files(bundle)},
             precision="fp16" if fp16 else "fp32",
             overwrite=overwrite,
-        )
+        ))
+        return result
+
+
+def shipped_graph(bundle: Any, settings: dict[str, Any]) -> Path | None:
+    """``bundle``'s own model.onnx when it is the float graph ``settings`` would export (same
+    settings recorded, file unchanged since), else None."""
+    from edge_ssl.bundle import sha256_file
+
+    record = bundle.manifest.metrics.get("export") or {}
+    if not bundle.has("model.onnx") or bundle.manifest.precision != "fp32":
+        return None
+    if any(record.get(key) != value for key, value in settings.items()):
+        return None
+    graph = bundle.file("model.onnx")
+    return graph if record.get("sha256") == sha256_file(graph) else None
+
+
+def export_checked(encoder: Any, path: Path, images: np.ndarray, settings: dict[str, Any], *,
+                   where: str, shipped: Path | None = None) -> dict[str, Any]:
+    """Write ``encoder``'s graph to ``path`` (a copy of ``shipped`` when given, else a new
+    export with ``settings``), check parity on ``images`` and return the record a bundle keeps
+    under ``metrics["export"]`` (settings, parity, op counts, the graph's sha256)."""
+    import shutil
+
+    from edge_ssl.bundle import sha256_file
+
+    if shipped is not None:
+        shutil.copyfile(shipped, path)
+    else:
+        export_encoder_onnx(encoder, path, **settings)
+    report = check_parity(encoder, path, images, encoder.spec.input, fp16=settings["fp16"])
+    require_parity(report, where)
+    return {**settings, "normalization": "baked" if settings["bake_normalization"] else "outside",
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "parity": report.to_dict(),
+            "ops": graph_op_counts(path), "sha256": sha256_file(path), "reused": shipped is not None}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

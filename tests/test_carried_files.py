@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 from edge_ssl.compress.quantize import QuantizeConfig, quantize
+from edge_ssl.runtime.export import export_bundle
 
 from edge_ssl.bundle import CARRIED_FILES, Bundle, lineage_entry, sha256_file, write_encoder_bundle
 from edge_ssl.models import create_encoder
-from edge_ssl.runtime.export import export_bundle
 from tests.test_compress_fixtures import tiny_images
 
 
@@ -34,9 +34,10 @@ def _same_files(parent: Bundle, child: Bundle) -> None:
 
 
 def test_an_int8_bundle_carries_the_adaptation_files(tuned, tmp_path):
-    bundle, _ = quantize(tuned, QuantizeConfig(calibration_images=16), tiny_images(16), tmp_path / "q.edge")
+    quantized = quantize(tuned, QuantizeConfig(calibration_images=16), tiny_images(16), tmp_path / "q.edge")
+    bundle = quantized.bundle
     _same_files(tuned, bundle)
 
 
 def test_an_exported_bundle_carries_them_too(tuned, tmp_path):
-    _same_files(tuned, export_bundle(tuned, tmp_path / "x.edge"))
+    _same_files(tuned, export_bundle(tuned, tmp_path / "x.edge").bundle)

@@ -35,8 +35,9 @@ def _zero_point_types(path) -> dict[str, set[int]]:
 def test_ort_cpu_int8_is_u8s8_and_close_to_fp32(teacher_bundle, tmp_path):
     import onnx
 
-    bundle, report = quantize(teacher_bundle.path, QuantizeConfig(calibration_images=32),
-                              tiny_images(32), tmp_path / "q.edge")
+    quantized = quantize(teacher_bundle.path, QuantizeConfig(calibration_images=32),
+                         tiny_images(32), tmp_path / "q.edge")
+    bundle, report = quantized.bundle, quantized.report
     assert set(bundle.manifest.files) == {"model.onnx"} and bundle.manifest.precision == "int8"
     assert bundle.manifest.lineage[-1].stage == "quantize"
     assert bundle.manifest.lineage[-1].parent == teacher_bundle.manifest_sha256
@@ -52,8 +53,9 @@ def test_tensorrt_int8_is_symmetric_with_qdq_on_residual_adds(teacher_bundle, tm
     import onnx
     from onnx import numpy_helper
 
-    bundle, _ = quantize(teacher_bundle.path, QuantizeConfig(target="tensorrt", calibration_images=16),
+    quantized = quantize(teacher_bundle.path, QuantizeConfig(target="tensorrt", calibration_images=16),
                          tiny_images(16), tmp_path / "t.edge")
+    bundle = quantized.bundle
     model = onnx.load(str(bundle.file("model.onnx")))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     zero_points = [inits[n.input[2]] for n in model.graph.node
@@ -78,15 +80,17 @@ def test_fallback_keeps_sensitive_layers_float_and_says_how_close(teacher_bundle
 
 def test_a_reachable_threshold_writes_the_graph_with_its_fallback(teacher_bundle, tmp_path):
     config = QuantizeConfig(calibration_images=16, min_cosine=0.5, max_fallback=2, sensitivity_images=8)
-    bundle, report = quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    quantized = quantize(teacher_bundle.path, config, tiny_images(16), tmp_path / "f.edge")
+    bundle, report = quantized.bundle, quantized.report
     assert report.met and report.mean_cosine >= 0.5
     assert bundle.manifest.metrics["quantize"]["fallback_layers"] == report.fallback_layers
     assert bundle.manifest.metrics["output_check"]["effective_rank"] > 1.5
 
 
 def test_fp16_graph(teacher_bundle, tmp_path):
-    bundle, report = quantize(teacher_bundle.path, QuantizeConfig(precision="fp16", calibration_images=8),
-                              tiny_images(8), tmp_path / "h.edge")
+    quantized = quantize(teacher_bundle.path, QuantizeConfig(precision="fp16", calibration_images=8),
+                         tiny_images(8), tmp_path / "h.edge")
+    bundle, report = quantized.bundle, quantized.report
     assert bundle.manifest.precision == "fp16" and report.mean_cosine > 0.99
 
 
@@ -131,7 +135,8 @@ def test_histogram_calibration_takes_a_count_that_is_not_a_multiple_of_its_batch
     # The user's report: percentile with 300 images failed with "setting an array element
     # with a sequence" (a ragged last batch of 12); 256 worked.
     config = QuantizeConfig(calibration=method, calibration_images=count)
-    bundle, report = quantize(teacher_bundle.path, config, tiny_images(count), tmp_path / "q.edge")
+    quantized = quantize(teacher_bundle.path, config, tiny_images(count), tmp_path / "q.edge")
+    bundle, report = quantized.bundle, quantized.report
     assert bundle.manifest.lineage[-1].settings["calibration_images_used"] == count
     assert report.mean_cosine > 0.98
 

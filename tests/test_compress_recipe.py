@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from edge_ssl.compress.recipe import RecipeConfig, StageRow, choose_stage, load_recipe
 
-from edge_ssl.bundle import Bundle, read_results
+from edge_ssl.bundle import Bundle, read_results, sha256_file
 from edge_ssl.errors import ConfigError
 from tests.test_compress_fixtures import tiny_dataset, write_tiny_bundle
 
@@ -92,9 +92,27 @@ def test_compress_cli_chains_the_stages_and_stores_the_table(teacher_bundle, tmp
     assert all(r["budget_kind"] == "measured-host" and [e["kind"] for e in r["latencies"]] == ["measured-host"]
                for r in table["stages"])
     json.dumps(table)
+    _ships_what_it_measured(table, tmp_path)
     with pytest.raises(SystemExit) as refused:
         main(args)  # OUT exists: one-line error, exit 1
     assert refused.value.code == 1
+
+
+def _ships_what_it_measured(table: dict, tmp_path) -> None:
+    """Every stage bundle holds the graph its row measured; exporting a float stage reuses it."""
+    from edge_ssl.runtime.export import export_bundle
+
+    for row in table["stages"][1:]:
+        stage = Bundle.open(row["bundle"], verify=True)
+        assert row["graph_shipped"], row["name"]
+        assert sha256_file(stage.file("model.onnx")) == row["graph_sha256"], row["name"]
+    pruned = Bundle.open(table["stages"][2]["bundle"])
+    assert pruned.manifest.metrics["export"]["parity"]["passed"]
+    exported = export_bundle(pruned, tmp_path / "exported.edge").bundle
+    assert exported.manifest.metrics["export"]["reused"]
+    assert sha256_file(exported.file("model.onnx")) == table["stages"][2]["graph_sha256"]
+    static = export_bundle(pruned, tmp_path / "static.edge", dynamic_batch=False).bundle
+    assert not static.manifest.metrics["export"]["reused"]
 
 
 def test_a_recipe_for_a_board_takes_for_and_precision_and_its_tile(tmp_path):

@@ -47,7 +47,7 @@ def tiny_bundle(tmp_path_factory) -> Bundle:
 
 @pytest.fixture(scope="module")
 def exported(tiny_bundle) -> Bundle:
-    return export_bundle(tiny_bundle, tiny_bundle.path.with_name("tiny_x.edge"))
+    return export_bundle(tiny_bundle, tiny_bundle.path.with_name("tiny_x.edge")).bundle
 
 
 def test_export_writes_a_clean_checked_graph_with_parity_in_the_manifest(tiny_bundle, exported):
@@ -73,7 +73,7 @@ def test_exported_graph_has_a_dynamic_batch_axis(exported):
 
 
 def test_fp16_export_keeps_float32_io_and_has_its_own_parity(tiny_bundle, tmp_path):
-    result = export_bundle(tiny_bundle, tmp_path / "fp16.edge", fp16=True)
+    result = export_bundle(tiny_bundle, tmp_path / "fp16.edge", fp16=True).bundle
     parity = result.manifest.metrics["export"]["parity"]
     assert result.manifest.precision == "fp16"
     assert parity["precision"] == "fp16" and parity["min_cosine"] >= 0.999
@@ -84,7 +84,7 @@ def test_fp16_export_keeps_float32_io_and_has_its_own_parity(tiny_bundle, tmp_pa
 
 
 def test_baked_normalization_takes_raw_pixels_and_gives_the_same_embeddings(tiny_bundle, exported, tmp_path):
-    baked = export_bundle(tiny_bundle, tmp_path / "baked.edge", bake_normalization=True)
+    baked = export_bundle(tiny_bundle, tmp_path / "baked.edge", bake_normalization=True).bundle
     assert baked.manifest.metrics["export"]["normalization"] == "baked"
     images = sample_images(limit=8)
     spec = tiny_bundle.manifest.input
@@ -163,7 +163,7 @@ def test_the_real_teacher_exports_with_parity_and_runs_on_torch_and_ort(tmp_path
     from edge_ssl.runtime.compare import compare_bundles
 
     before = json.loads((TEACHER / "manifest.json").read_text())
-    result = export_bundle(TEACHER, tmp_path / "teacher_x.edge")
+    result = export_bundle(TEACHER, tmp_path / "teacher_x.edge").bundle
     assert result.manifest.metrics["export"]["parity"]["min_cosine"] >= 0.9999
     comparison = compare_bundles(result.path, result.path, backend_a="torch", backend_b="ort", limit=16)
     assert comparison.min_cosine >= 0.9999

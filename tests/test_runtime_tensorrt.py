@@ -587,7 +587,7 @@ def test_refit_stage_exports_the_new_weights_like_the_engine_and_refits_it(tmp_p
     torch.manual_seed(0)
     lineage = (lineage_entry("test", {}),)
     base = write_encoder_bundle(tmp_path / "base.edge", create_encoder("resnet18_cifar", width=0.25), lineage=lineage)
-    exported = export_bundle(base, tmp_path / "x.edge", fp16=True)
+    exported = export_bundle(base, tmp_path / "x.edge", fp16=True).bundle
     rel = "engines/nvidia-h100_sm90_trt10.3.0_fp16.plan"
     with BundleWriter(tmp_path / "t.edge") as writer:
         for name in exported.manifest.files:

@@ -18,6 +18,7 @@ from edge_ssl.evaluate import EmbeddingHealth
 from edge_ssl.lineage import require_float_weights
 from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.outputs import check_bundle_out, checkpoint_dir
+from edge_ssl.stage import StageResult
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,10 @@ class AdaptEvent:
 
 
 @dataclass
-class AdaptResult:
-    """What a run did: the new bundle, the plan, health before/after, and why it stopped."""
+class AdaptResult(StageResult):
+    """What a run did: the new bundle, the plan, health before/after, and why it stopped.
+    ``metrics`` is the run's own section of the bundle's metrics (``adapt``)."""
 
-    bundle: Bundle
     plan: dict[str, Any]
     steps_done: int
     stopped: str | None
@@ -52,8 +53,6 @@ class AdaptResult:
     selection: dict[str, Any] | None = None
     #: every candidate encoder scored (for benchmarks; not serialized)
     candidates: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: what else the run measured (device cost, re-quantization), as in the bundle's metrics
-    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

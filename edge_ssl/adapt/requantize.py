@@ -68,7 +68,7 @@ def requantize(deployed: Bundle, adapted: Bundle, images: np.ndarray, out: Path,
                              "seconds": round(time.perf_counter() - started, 3)})
             return {"requantize": measured}, files
 
-        written, _ = quantize(adapted, config, images, out, overwrite=overwrite, finish=finish)
+        written = quantize(adapted, config, images, out, overwrite=overwrite, finish=finish).bundle
     return written, measured
 
 

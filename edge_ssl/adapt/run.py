@@ -375,10 +375,11 @@ def run_adaptation(
                                metrics, overwrite=overwrite, extra_files=extra_files,
                                weights=weights, images=data.images)
     shutil.rmtree(checkpoint_path(out).parent, ignore_errors=True)
-    return AdaptResult(bundle, run.plan.to_dict(), run.step, run.stopped, run.health_before,
+    return AdaptResult(run.plan.to_dict(), run.step, run.stopped, run.health_before,
                        embedding_health(held), agreement, step_mb, seconds, run.history,
                        run.guard, export_info, adapt_metrics["selection"],
-                       {n: copy.deepcopy(m).cpu() for n, m in candidates.items()}, adapt_metrics)
+                       {n: copy.deepcopy(m).cpu() for n, m in candidates.items()},
+                       bundle=bundle, metrics=adapt_metrics)
 
 
 def _start_run(weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, device: torch.device,

@@ -31,19 +31,24 @@ LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N unlabel
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing OUT.")]
 
 
-def _images_for(bundle: Path, data: list[str] | None, limit: int | None) -> Any:
-    """Unlabeled images at the bundle's input size (resized when the source differs)."""
+def _opened(bundle: Any) -> Any:
+    """``bundle`` as an open Bundle (a path is opened without re-hashing: reading its size)."""
     from edge_ssl.bundle import Bundle
+
+    return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=False)
+
+
+def _images_for(bundle: Any, data: list[str] | None, limit: int | None) -> Any:
+    """Unlabeled images at the bundle's (path or Bundle) input size (resized when the source differs)."""
     from edge_ssl.data.sources import load_images
 
-    size = Bundle.open(bundle, verify=False).manifest.input.shape[1]
+    size = _opened(bundle).manifest.input.shape[1]
     return load_images(data_source(data), split="train", image_size=size, limit=limit)
 
 
-def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None, *, bundle: Path | None = None,
+def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None, *, bundle: Any = None,
               limit: int | None = None) -> Any:
-    """Labeled bank and queries for kNN, at ``bundle``'s input size when given."""
-    from edge_ssl.bundle import Bundle
+    """Labeled bank and queries for kNN, at ``bundle``'s (path or Bundle) input size when given."""
     from edge_ssl.compress.measure import KnnData
     from edge_ssl.data.sources import load_images
     from edge_ssl.errors import ConfigError
@@ -52,7 +57,7 @@ def _knn_data(eval_data: list[str] | None, eval_test: list[str] | None, *, bundl
         return None
     if not eval_data or not eval_test:
         raise ConfigError("kNN evaluation needs both --eval-data (bank) and --eval-test (queries).")
-    size = None if bundle is None else Bundle.open(bundle, verify=False).manifest.input.shape[1]
+    size = None if bundle is None else _opened(bundle).manifest.input.shape[1]
     return KnnData.from_datasets(load_images(list(eval_data), image_size=size, limit=limit),
                                  load_images(list(eval_test), image_size=size, limit=limit))
 
@@ -178,8 +183,9 @@ def quantize(
     knn = _knn_data(eval_data, eval_test)
     images = _images_for(bundle, data, limit or calibration_images).images
     console = stderr_console()
-    written, report = run_quantize(bundle, config, images, out, knn=knn, overwrite=overwrite,
-                                   log=lambda m: console.print(m))
+    quantized = run_quantize(bundle, config, images, out, knn=knn, overwrite=overwrite,
+                             log=lambda m: console.print(m))
+    written, report = quantized.bundle, quantized.report
     summary = {"bundle": str(written.path), "manifest_sha256": written.manifest_sha256,
                **{k: v for k, v in report.to_dict().items() if k not in ("trials", "sensitivity")}}
     if as_json:
@@ -226,6 +232,7 @@ def compress(
     to OUT.stages.partial/ and swapped in with OUT only at the end: a failed or interrupted
     run leaves an earlier OUT as it was; --resume continues it.
     """
+    from edge_ssl.bundle import Bundle
     from edge_ssl.compress.recipe import CompressInterrupted
     from edge_ssl.compress.recipe import compress as run_compress
 
@@ -234,23 +241,27 @@ def compress(
                               quantize=quantize_to or precision, target=target, profile=for_profile,
                               max_latency_ms=max_latency_ms, max_knn_drop=max_knn_drop,
                               force=force or None, epochs=epochs, device=device)
-    knn = _knn_data(eval_data, eval_test, bundle=teacher, limit=eval_limit)
-    dataset = _images_for(teacher, data, limit)
+    teacher_bundle = Bundle.open(teacher, verify=True)  # opened once for the whole run
+    knn = _knn_data(eval_data, eval_test, bundle=teacher_bundle, limit=eval_limit)
+    dataset = _images_for(teacher_bundle, data, limit)
     console = stderr_console()
     try:
         with TrainingProgress(console) as bar:
-            result = run_compress(teacher, config, dataset, out, knn=knn, overwrite=overwrite, resume=resume,
+            result = run_compress(teacher_bundle, config, dataset, out, knn=knn, overwrite=overwrite, resume=resume,
                                   log=lambda m: console.print(m), progress=bar.update)
     except CompressInterrupted as stop:
         typer.echo(_interrupted_text(ctx, stop), err=True)
         raise typer.Exit(130) from None
+    _show(result, as_json)
+
+
+def _show(result: Any, as_json: bool) -> None:
     if as_json:
         emit_json(result.to_dict())
-        return
-    if result.bundle is None:  # the teacher fits the board's budget already
+    elif result.bundle is None:  # the teacher fits the board's budget already
         typer.echo(result.message)
-        return
-    _print_table(result)
+    else:
+        _print_table(result)
 
 
 def _check_board_flags(on: str | None, device: str | None, quantize: str | None, precision: str | None) -> None:

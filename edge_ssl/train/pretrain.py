@@ -22,6 +22,7 @@ from edge_ssl.config import (
 from edge_ssl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from edge_ssl.output_check import write_stage_bundle
 from edge_ssl.outputs import checkpoint_dir
+from edge_ssl.stage import StageResult
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 CHECKPOINT_NAME = "last.pt"
@@ -123,10 +124,9 @@ class ProgressEvent:
 
 
 @dataclass
-class PretrainResult:
+class PretrainResult(StageResult):
     """What a run produced; ``bundle`` is None on ranks other than 0."""
 
-    bundle: Bundle | None
     encoder: Any  # the trained encoder (torch module, on CPU)
     final_loss: float
     epochs_run: int
@@ -458,14 +458,15 @@ def pretrain(
         barrier()
     finally:
         shutdown(run.dist)
-    return PretrainResult(
-        bundle=bundle,
+    result = PretrainResult(
         encoder=trained,
         final_loss=history[-1]["loss"],
         epochs_run=config.epochs - start_epoch,
         images_per_second=images_per_second,
         history=history,
     )
+    result.wrote(bundle)
+    return result
 
 
 # --------------------------------------------------------------------------- files

@@ -33,7 +33,7 @@ def exported(tmp_path_factory) -> Bundle:
     root = tmp_path_factory.mktemp("gpu")
     plain = write_encoder_bundle(root / "s.edge", create_encoder("resnet18_cifar", width=0.25),
                                  lineage=(lineage_entry("test", {}),))
-    return export_bundle(plain, root / "s_x.edge")
+    return export_bundle(plain, root / "s_x.edge").bundle
 
 
 def _inputs(bundle: Bundle) -> np.ndarray:
@@ -67,7 +67,7 @@ def engine_bundle(exported, tmp_path_factory) -> Bundle:
     from edge_ssl.runtime.build import build_bundle
 
     root = tmp_path_factory.mktemp("trt")
-    fp16 = export_bundle(exported, root / "fp16.edge", fp16=True)
+    fp16 = export_bundle(exported, root / "fp16.edge", fp16=True).bundle
     return build_bundle(fp16, root / "trt.edge", precision="fp16", refit=True, batch=(1, 8, 32),
                         timing_cache=root / "timing.cache")
 

@@ -36,7 +36,7 @@ def fp16_bundle(tmp_path_factory) -> Bundle:
     root = tmp_path_factory.mktemp("jetson")
     plain = write_encoder_bundle(root / "s.edge", create_encoder("resnet18_cifar", width=0.25),
                                  lineage=(lineage_entry("test", {}),))
-    return export_bundle(plain, root / "s_fp16.edge", fp16=True)
+    return export_bundle(plain, root / "s_fp16.edge", fp16=True).bundle
 
 
 def _check_against_ort(bundle: Bundle, engine_runner) -> None:
