@@ -2,8 +2,9 @@
 
 # Runs ON the device with the Python JetPack ships (3.6 on JetPack 4, 3.8 on JetPack 5,
 # 3.10 on JetPack 6): keep the syntax Python 3.8-compatible (no match, no X | Y types, no
-# str.removesuffix) and import nothing from edge_ssl. It is uploaded as a small kit
-# (this file + runtime/stats.py as stats.py) and run as `python3 agent.py COMMAND ...`.
+# str.removesuffix) and import nothing from edge_ssl. It is uploaded as a small kit (this
+# file with runtime/stats.py and runtime/batch_sizes.py beside it, devices/target.agent_kit)
+# and run as `python3 agent.py COMMAND ...`.
 # Every command prints exactly one JSON object; failures print {"ok": false, "error": ...}
 # and exit 1, so the host can always parse the answer.
 
@@ -491,13 +492,14 @@ def _require_numpy():
     return numpy
 
 
-def _stats_module():
-    """The shared latency statistics: stats.py beside this file on the device, else edge_ssl's."""
+def _kit_module(name):
+    """A host module shipped beside this file (stats.py, batch_sizes.py), else edge_ssl's."""
+    import importlib
+
     try:
-        import stats
+        return importlib.import_module(name)
     except ImportError:
-        from edge_ssl.runtime import stats
-    return stats
+        return importlib.import_module("edge_ssl.runtime." + name)
 
 
 def _ort_session(model_path, threads):
@@ -534,7 +536,7 @@ def _time_calls(fn, warmup_s, duration_s, iterations):
 def bench_ort(folder, batch_sizes, warmup_s, duration_s, iterations, threads):
     """Latency of model.onnx in ``folder`` per batch size (random normalized input)."""
     numpy = _require_numpy()
-    stats = _stats_module()
+    stats = _kit_module("stats")
 
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
@@ -593,7 +595,7 @@ def bench(args):
     folder = args.folder
     if not os.path.isfile(os.path.join(folder, "manifest.json")):
         raise AgentError(f"{folder} holds no deployed bundle; deploy one first.")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = _kit_module("batch_sizes").parse_batch_sizes(args.batch_sizes, "--batch-sizes")
     sampler = Tegrastats(args.tegrastats_ms) if args.tegrastats_ms else None
     start = time.time()
     try:

@@ -20,6 +20,7 @@ from edge_ssl.devices.deploy import (
 )
 from edge_ssl.devices.power import PowerError, summarize_power
 from edge_ssl.devices.target import Target
+from edge_ssl.runtime.bench import check_bench_settings
 
 from edge_ssl.bundle import Bundle, read_results, record_results, utc_now
 from edge_ssl.errors import ConfigError
@@ -109,8 +110,7 @@ def remote_bench(
     """Benchmark the deployed bundle on the device and record it beside the local bundle."""
     if backend not in BACKENDS:
         raise ConfigError(f"remote backend {backend!r} is not one of {', '.join(BACKENDS)}.")
-    if not batch_sizes or min(batch_sizes) < 1 or duration_s <= 0 or warmup_s < 0:
-        raise ConfigError("batch sizes must be >= 1, duration > 0 s and warm-up >= 0 s.")
+    batch_sizes = check_bench_settings(batch_sizes, duration_s, warmup_s, iterations)
     if backend == "trtexec" and tuple(batch_sizes) != (1,):
         raise ConfigError("the trtexec backend measures batch 1 (engines are built for batch 1 by "
                           "`deploy --build-engine`); use --backend onnxruntime for other batch sizes.")

@@ -66,14 +66,17 @@ class SSHSettings:
 
 
 def agent_kit() -> dict[str, Path]:
-    """Files uploaded to the device to run the agent: agent.py and the shared stats.py."""
+    """Files uploaded to the device to run the agent: agent.py and the runtime modules it shares."""
     here = Path(__file__).resolve().parent
-    stats = here.parent / "runtime" / "stats.py"
-    if not stats.is_file():  # an installed (non-editable) package
-        import edge_ssl.runtime.stats as stats_module
+    kit = {"agent.py": here / "agent.py"}
+    for name in ("stats", "batch_sizes"):
+        path = here.parent / "runtime" / f"{name}.py"
+        if not path.is_file():  # an installed (non-editable) package
+            import importlib
 
-        stats = Path(stats_module.__file__)
-    return {"agent.py": here / "agent.py", "stats.py": stats}
+            path = Path(importlib.import_module(f"edge_ssl.runtime.{name}").__file__)
+        kit[f"{name}.py"] = path
+    return kit
 
 
 def _kit_tar() -> bytes:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from edge_ssl.runtime.batch_sizes import parse_batch_sizes
 from edge_ssl.runtime.stats import latency_summary, throughput_per_s
 
 from edge_ssl.errors import ConfigError
@@ -72,12 +73,10 @@ class BenchReport:
         }
 
 
-def check_bench_settings(batch_sizes: Sequence[int], duration_s: float, warmup_s: float,
+def check_bench_settings(batch_sizes: Sequence[int] | str, duration_s: float, warmup_s: float,
                          iterations: int | None) -> tuple[int, ...]:
     """Validate harness settings before any model is loaded."""
-    sizes = tuple(batch_sizes)
-    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
-        raise ConfigError(f"batch sizes must be positive integers, e.g. 1,8,32; got {list(sizes)}.")
+    sizes = parse_batch_sizes(batch_sizes)
     if not duration_s > 0 or warmup_s < 0:
         raise ConfigError(f"duration must be > 0 s and warm-up >= 0 s; got {duration_s} and {warmup_s}.")
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):

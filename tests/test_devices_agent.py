@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from edge_ssl.devices.deploy import DeployError, DeployOptions, deploy, rollback, verify_deployment
-from edge_ssl.devices.target import SSHSettings, TargetError, parse_target
+from edge_ssl.devices.target import SSHSettings, TargetError, agent_kit, parse_target
 
 from edge_ssl.errors import ConfigError
 
@@ -27,6 +28,25 @@ def test_agent_runs_on_old_jetpack_pythons(python, tmp_path):
     info = json.loads(done.stdout)
     assert done.returncode == 0 and info["python"].startswith(python.parts[-3][:3])
     assert "version" in info["numpy"] or "missing" in info["numpy"]  # no numpy needed for info
+
+
+@pytest.mark.parametrize("python", [Path(sys.executable), *OLD_PYTHONS], ids=lambda p: p.parts[-3])
+def test_the_shipped_kit_names_a_bad_batch_list_in_its_json_answer(python, tmp_path):
+    # Old pythons have no edge_ssl: the kit's own batch_sizes.py must answer there too.
+    if not python.is_file():
+        pytest.skip(f"{python} not installed (JetPack 4 ships 3.6, JetPack 5 ships 3.8)")
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    for name, source in agent_kit().items():
+        shutil.copyfile(source, kit / name)
+    folder = tmp_path / "version"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    done = subprocess.run([str(python), str(kit / "agent.py"), "bench", str(folder),
+                           "--batch-sizes", "1,x"], capture_output=True, text=True)
+    error = json.loads(done.stdout)["error"]
+    assert done.returncode == 1 and "--batch-sizes must be comma-separated integers" in error
+    assert "'x' is not an integer" in error
 
 
 def test_agent_failure_is_json_with_exit_1(tmp_path):

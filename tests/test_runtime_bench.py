@@ -112,3 +112,24 @@ def test_jetson_clock_state_is_read_from_jetson_clocks_show():
     assert clocks_pinned(pinned) is True
     assert clocks_pinned(dvfs) is False
     assert clocks_pinned(None) is None and clocks_pinned("permission denied") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("1,x", "'x' is not an integer"), ("8,0", "'0' is not an integer >= 1"),
+     ("", "no batch size given"), (" , ", "no batch size given"), ((2, 1.5), "1.5 is not"),
+     ((True,), "True is not")],
+)
+def test_a_bad_batch_list_is_named_with_the_option_and_the_part_at_fault(value, why):
+    from edge_ssl.runtime.batch_sizes import parse_batch_sizes
+
+    with pytest.raises(ConfigError, match="--batch must be comma-separated integers") as info:
+        parse_batch_sizes(value, "--batch")
+    assert why in str(info.value) and "1,8,32" in str(info.value)
+
+
+def test_a_batch_list_keeps_the_order_given():
+    from edge_ssl.runtime.batch_sizes import parse_batch_sizes
+
+    assert parse_batch_sizes(" 8, 1,32,") == (8, 1, 32)
+    assert parse_batch_sizes((np.int64(4), 2)) == (4, 2)

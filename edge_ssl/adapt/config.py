@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from edge_ssl.config import check_choice, config_from_dict
+from edge_ssl.config import check_choice, check_flag, check_int, check_number, config_from_dict
 from edge_ssl.errors import ConfigError
 
 TRAINABLE_CHOICES = ("auto", "bn-stats", "bias", "norm", "lora", "last-stage", "full")
@@ -23,6 +23,18 @@ AUTO_ORDER_NOTE = ", or use --trainable auto, which falls back to cheaper subset
 PROFILE_BUDGET_SHARE = 0.25
 #: Share of MemAvailable (CPU) or free GPU memory used when nothing else says a budget.
 LOCAL_BUDGET_SHARE = 0.5
+
+
+#: AdaptConfig's whole-number settings and their minimum.
+_INT_MINIMUMS = {"steps": 1, "guard_every": 1, "checkpoint_every": 1, "lora_rank": 1,
+                 "head_dim": 1, "batch_size": MIN_BATCH, "seed": 0}
+#: AdaptConfig's real-valued settings and their closed interval (None: unbounded).
+_NUMBER_RANGES: dict[str, tuple[float, float | None]] = {
+    **dict.fromkeys(("lr", "weight_decay", "ssl_weight", "distill_weight", "align_weight",
+                     "replay_weight"), (0.0, None)),
+    "bn_prior": (0.0, 0.999), "bn_depth": (0.0, 1.0), "select_threshold": (-1.0, 1.0),
+    "holdout_frac": (0.01, 0.5), "keep_margin": (0.0, 1.0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +119,20 @@ class AdaptConfig:
         check_choice(owner, "optimizer", self.optimizer, ("sgd", "adamw"))
         check_choice(owner, "checkpointing", self.checkpointing, ("auto", "on", "off"))
         check_choice(owner, "distill_to", self.distill_to, ("bn-adapted", "deployed"))
-        for name in ("steps", "guard_every", "checkpoint_every", "lora_rank", "head_dim"):
-            _integer(owner, name, getattr(self, name), 1)
-        _integer(owner, "batch_size", self.batch_size, MIN_BATCH)
-        _integer(owner, "seed", self.seed, 0)
-        for name in ("lr", "weight_decay", "ssl_weight", "distill_weight", "align_weight",
-                     "replay_weight"):
-            _number(owner, name, getattr(self, name), 0.0, None)
-        _number(owner, "bn_prior", self.bn_prior, 0.0, 0.999)
-        _number(owner, "bn_depth", self.bn_depth, 0.0, 1.0)
+        for name, minimum in _INT_MINIMUMS.items():
+            check_int(owner, name, getattr(self, name), minimum)
+        for name, (low, high) in _NUMBER_RANGES.items():
+            check_number(owner, name, getattr(self, name), low, high)
+        if self.budget_mb is not None:
+            check_number(owner, "budget_mb", self.budget_mb, 0, low_open=True)
+        for name in ("bn_stats", "select", "keep_best"):
+            check_flag(owner, name, getattr(self, name))
+        self._check_objective()
+
+    def _check_objective(self) -> None:
         if self.bn_depth == 0:
             raise ConfigError("AdaptConfig.bn_depth 0 re-estimates no BN layer; use bn_stats=false "
                               "to keep the deployed statistics.")
-        _number(owner, "select_threshold", self.select_threshold, -1.0, 1.0)
-        _number(owner, "holdout_frac", self.holdout_frac, 0.01, 0.5)
-        if self.budget_mb is not None:
-            _number(owner, "budget_mb", self.budget_mb, 1e-6, None)
         if self.align_weight and self.bn_stats and self.bn_depth == 1:
             raise ConfigError("AdaptConfig.align_weight needs BN layers that keep the deployed "
                               "statistics: bn_depth < 1, or bn_stats=false.")
@@ -132,25 +142,10 @@ class AdaptConfig:
                 "AdaptConfig: ssl_weight, distill_weight, align_weight and replay_weight are all 0, so gradient steps "
                 "have no objective; set one > 0 or use trainable='bn-stats'."
             )
-        if not all(isinstance(v, bool) for v in (self.bn_stats, self.select, self.keep_best)):
-            raise ConfigError("AdaptConfig.bn_stats, .select and .keep_best must be true or false.")
-        _number(owner, "keep_margin", self.keep_margin, 0.0, 1.0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AdaptConfig:
         return config_from_dict(cls, values)
-
-
-def _integer(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}.")
-
-
-def _number(owner: str, name: str, value: Any, low: float, high: float | None) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
-    if not ok or (high is not None and value > high) or value != value:
-        top = "inf" if high is None else high
-        raise ConfigError(f"{owner}.{name} must be a number in [{low}, {top}]; got {value!r}.")
 
 
 def default_budget_mb(*, profile_memory_gb: float | None, device_type: str) -> tuple[float, str]:

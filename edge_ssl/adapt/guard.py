@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_ssl.errors import ConfigError
+from edge_ssl.config import check_number
 from edge_ssl.evaluate import EmbeddingHealth, embedding_health
 
 
@@ -28,9 +28,7 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         for name in ("min_agreement", "min_rank_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
-                raise ConfigError(f"GuardConfig.{name} must be a number in [-1, 1]; got {value!r}.")
+            check_number("GuardConfig", name, getattr(self, name), -1, 1)
 
 
 @dataclass(frozen=True)
@@ -44,15 +42,12 @@ class GuardReport:
     reason: str
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "step": self.step,
-            "agreement": round(self.agreement, 5),
-            "effective_rank": round(self.health.effective_rank, 3),
-            "dim_std_mean": round(self.health.dim_std_mean, 6),
-            "collapsed": self.health.collapsed,
-            "ok": self.ok,
-            "reason": self.reason,
-        }
+        """The guard log entry: the check's outcome with the health numbers it judged."""
+        health = self.health
+        return {"step": self.step, "agreement": round(self.agreement, 5),
+                "effective_rank": round(health.effective_rank, 3),
+                "dim_std_mean": round(health.dim_std_mean, 6), "collapsed": health.collapsed,
+                "ok": self.ok, "reason": self.reason}
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -218,21 +218,21 @@ def fit_memory(small: StepMemory, large: StepMemory) -> MemoryFit:
 
 def process_peak_rss_mb() -> float | None:
     """This process's peak resident memory so far (VmHWM), in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return _proc_mib("/proc/self/status", "VmHWM")
 
 
 def available_memory_mb() -> float | None:
     """MemAvailable from /proc/meminfo in MiB (None where there is no /proc)."""
+    return _proc_mib("/proc/meminfo", "MemAvailable")
+
+
+def _proc_mib(path: str, key: str) -> float | None:
+    """The ``key: N kB`` line of a /proc file in MiB; None where the file or line is absent."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(path).read_text().splitlines()
     except OSError:
         return None
+    for line in lines:
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
     return None

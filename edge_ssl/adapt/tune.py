@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_ssl.adapt.config import MIN_BATCH, AdaptConfig
 from edge_ssl.bundle import Bundle, BundleWriter
-from edge_ssl.config import config_from_dict, config_to_dict
+from edge_ssl.config import check_int, check_number, config_from_dict, config_to_dict
 from edge_ssl.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from edge_ssl.data.sources import ImageDataset, split_mask
 from edge_ssl.errors import BundleError, ConfigError, DataError
@@ -89,22 +89,16 @@ class TuneConfig:
                     AdaptConfig(bn_depth=depth, bn_prior=prior)
                 except ConfigError as exc:
                     raise ConfigError(f"TuneConfig.depths/priors: {exc}") from exc
-        for name, low in (("severity", 1), ("probe_images", 20), ("bank_images", MIN_BANK),
-                          ("knn_k", 1), ("batch_size", 1), ("seed", 0), ("replay_images", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"TuneConfig.{name} must be an integer >= {low}; got {value!r}.")
+        owner = "TuneConfig"
+        check_int(owner, "severity", self.severity, 1, 5)
+        for name, low in (("probe_images", 20), ("bank_images", MIN_BANK), ("knn_k", 1),
+                          ("batch_size", 1), ("seed", 0), ("replay_images", 0)):
+            check_int(owner, name, getattr(self, name), low)
         if 0 < self.replay_images < MIN_BATCH:
             raise ConfigError(f"TuneConfig.replay_images must be 0 (none) or >= {MIN_BATCH}; "
                               f"got {self.replay_images}.")
-        if self.severity > 5:
-            raise ConfigError(f"TuneConfig.severity must be 1..5; got {self.severity}.")
-        cap = self.replay_max_mb
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-            raise ConfigError(f"TuneConfig.replay_max_mb must be a positive number of MiB; got {cap!r}.")
-        drop = self.max_clean_drop
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
-            raise ConfigError(f"TuneConfig.max_clean_drop must be points in [0, 100); got {drop!r}.")
+        check_number(owner, "replay_max_mb", self.replay_max_mb, 0, low_open=True)
+        check_number(owner, "max_clean_drop", self.max_clean_drop, 0, 100, high_open=True)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TuneConfig:

@@ -30,6 +30,9 @@ DataOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N images.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing OUT.")]
 KwOpt = Annotated[
     list[str] | None,
     typer.Option(help="KEY=VALUE passed to the encoder factory, e.g. width=0.5 (repeatable)."),
@@ -57,15 +60,14 @@ def parse_key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
     return values
 
 
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32); ConfigError naming ``option`` on anything else."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"{option} expects comma-separated integers such as 1,8,32; got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{option} expects positive integers such as 1,8,32; got {text!r}.")
-    return values
+def comma_list(text: str | None) -> list[str] | None:
+    """'a, b,,c' -> ['a', 'b', 'c']; None when the option was not given (or names nothing).
+
+    Batch sizes have their own parser, shared with the on-device agent:
+    ``edge_ssl.runtime.batch_sizes.parse_batch_sizes``.
+    """
+    names = [part.strip() for part in (text or "").split(",") if part.strip()]
+    return names or None
 
 
 def stderr_console() -> Any:

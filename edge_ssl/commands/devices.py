@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,12 +30,44 @@ AcceptOpt = Annotated[bool, typer.Option(
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds allowed per remote command.")]
 
 
+#: The SSH options of every command that connects: name -> (typer annotation, default).
+SSH_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "ssh_config": (SshConfigOpt, None), "python": (PythonOpt, "python3"),
+    "remote_root": (RootOpt, None), "accept_new_host": (AcceptOpt, False),
+}
+
+
 def _settings(ssh_config: str | None, python: str, remote_root: str | None, accept_new_host: bool,
               timeout: float = 120.0) -> Any:
     from edge_ssl.devices.target import SSHSettings
 
     return SSHSettings(ssh_config=ssh_config, python=python, remote_root=remote_root,
                        accept_new_host=accept_new_host, command_timeout_s=timeout)
+
+
+def with_ssh_options(*, timeout: bool = False) -> Any:
+    """Give a command the SSH_OPTIONS (and --timeout) just before its --json, and pass them
+    to it as one ``settings`` (an SSHSettings); the command declares only ``settings``."""
+    options = {**SSH_OPTIONS, **({"timeout": (TimeoutOpt, 120.0)} if timeout else {})}
+    keyword = inspect.Parameter.KEYWORD_ONLY
+
+    def decorate(command: Any) -> Any:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p.replace(kind=keyword) for p in signature.parameters.values() if p.name != "settings"]
+        at = [p.name for p in own].index("as_json")
+        added = [inspect.Parameter(name, keyword, default=default, annotation=annotation)
+                 for name, (annotation, default) in options.items()]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            chosen = {name: kwargs.pop(name) for name in options}
+            return command(**kwargs, settings=_settings(**chosen))
+
+        run.__signature__ = signature.replace(parameters=own[:at] + added + own[at:])
+        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+        return run
+
+    return decorate
 
 
 def env_settings(accept_new_host: bool = False) -> Any:
@@ -134,6 +168,7 @@ def _finish(outcomes: list[Any], title: str, columns: dict[str, Any], as_json: b
 
 
 @app.command()
+@with_ssh_options(timeout=True)
 def deploy(
     bundle: Annotated[Path, typer.Argument(help="A NAME.edge bundle (with model.onnx).")],
     to: ToOpt = None,
@@ -144,12 +179,8 @@ def deploy(
     engine_precision: Annotated[str | None, typer.Option(help="fp32, fp16 or int8 (default from the bundle).")] = None,
     keep: Annotated[int, typer.Option(help="Versions kept on the device for rollback.")] = 3,
     ship_weights: Annotated[bool, typer.Option(help="Also send model.pt (only needed to adapt on the device).")] = False,
-    ssh_config: SshConfigOpt = None,
-    python: PythonOpt = "python3",
-    remote_root: RootOpt = None,
-    accept_new_host: AcceptOpt = False,
-    timeout: TimeoutOpt = 120.0,
     as_json: JsonOpt = False,
+    settings: Any = None,
 ) -> None:
     """Check, upload (resumable), verify, optionally build, then switch `current` atomically."""
     from edge_ssl.devices.deploy import DeployOptions
@@ -159,7 +190,6 @@ def deploy(
     specs = collect_targets(to, hosts)
     options = DeployOptions(name=name, profile=profile, build_engine=build_engine,
                             engine_precision=engine_precision, keep=keep, ship_weights=ship_weights)
-    settings = _settings(ssh_config, python, remote_root, accept_new_host, timeout)
     outcomes = run_on_fleet(specs, settings, lambda target: run_deploy(bundle, target, options).to_dict())
     _finish(outcomes, f"deploy {bundle.name}", {
         "version": lambda r: r["version"], "previous": lambda r: r["previous"] or "-",
@@ -176,22 +206,19 @@ def _repair_note(result: dict[str, Any]) -> list[str]:
 
 
 @app.command()
+@with_ssh_options()
 def rollback(
     name: Annotated[str, typer.Argument(help="Deployment name (the bundle's name unless --name was given).")],
     to: ToOpt = None,
     hosts: HostsOpt = None,
     version: Annotated[str | None, typer.Option(help="Version to switch to (default: the previous one).")] = None,
-    ssh_config: SshConfigOpt = None,
-    python: PythonOpt = "python3",
-    remote_root: RootOpt = None,
-    accept_new_host: AcceptOpt = False,
     as_json: JsonOpt = False,
+    settings: Any = None,
 ) -> None:
     """Switch `current` back to the previous kept version on each device."""
     from edge_ssl.devices.deploy import rollback as run_rollback
     from edge_ssl.devices.fleet import collect_targets, run_on_fleet
 
-    settings = _settings(ssh_config, python, remote_root, accept_new_host)
     outcomes = run_on_fleet(collect_targets(to, hosts), settings,
                             lambda target: run_rollback(target, name, version))
     _finish(outcomes, f"rollback {name}", {"current": lambda r: r["current"],
@@ -224,6 +251,7 @@ def bench_on_devices(bundle: Path, on: list[str], *, backend: str = "auto", batc
 
 
 @app.command("device-bench")
+@with_ssh_options()
 def device_bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle to measure on the device.")],
     on: Annotated[list[str], typer.Option("--on", help="Target(s): ssh://user@host[:port] or local.")],
@@ -233,18 +261,15 @@ def device_bench(
     warmup: Annotated[float, typer.Option(help="Warm-up seconds per batch size.")] = 2.0,
     iterations: Annotated[int | None, typer.Option(help="Exactly N timed runs instead of --duration.")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads on the device.")] = None,
-    ssh_config: SshConfigOpt = None,
-    python: PythonOpt = "python3",
-    remote_root: RootOpt = None,
-    accept_new_host: AcceptOpt = False,
     as_json: JsonOpt = False,
+    settings: Any = None,
 ) -> None:
     """Same as `edge-ssl bench B --on TARGET`, with every SSH option spelled out."""
-    from edge_ssl.commands.common import parse_int_list
+    from edge_ssl.runtime.batch_sizes import parse_batch_sizes
 
-    bench_on_devices(bundle, on, backend=backend, batch_sizes=parse_int_list(batch, "--batch"), duration=duration, warmup=warmup,
+    bench_on_devices(bundle, on, backend=backend, batch_sizes=parse_batch_sizes(batch, "--batch"), duration=duration, warmup=warmup,
                      iterations=iterations, threads=threads, as_json=as_json,
-                     settings=_settings(ssh_config, python, remote_root, accept_new_host))
+                     settings=settings)
 
 
 def doctor_on_device(on: str, as_json: bool = False, settings: Any = None, name: str | None = None,
@@ -311,17 +336,15 @@ def _print_doctor(report: dict[str, Any]) -> None:
 
 
 @app.command("device-doctor")
+@with_ssh_options()
 def device_doctor(
     on: Annotated[str, typer.Option("--on", help="Target: ssh://user@host[:port] or local.")],
     name: Annotated[str | None, typer.Option(help="Verify only this deployment (default: all).")] = None,
-    ssh_config: SshConfigOpt = None,
-    python: PythonOpt = "python3",
-    remote_root: RootOpt = None,
-    accept_new_host: AcceptOpt = False,
     as_json: JsonOpt = False,
+    settings: Any = None,
 ) -> None:
     """Same as `edge-ssl doctor --on TARGET`, with every SSH option spelled out."""
-    doctor_on_device(on, as_json, _settings(ssh_config, python, remote_root, accept_new_host), name)
+    doctor_on_device(on, as_json, settings, name)
 
 
 # ---------------------------------------------------------------- predict

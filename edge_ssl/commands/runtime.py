@@ -10,22 +10,20 @@ import typer
 from edge_ssl.commands.common import (
     DataOpt,
     JsonOpt,
+    OverwriteOpt,
     app,
+    comma_list,
     data_source,
     emit_json,
-    parse_int_list,
     stderr_console,
 )
 from edge_ssl.errors import ConfigError
+from edge_ssl.runtime.batch_sizes import parse_batch_sizes
 
 BackendOpt = Annotated[
     str,
     typer.Option(help="auto, tensorrt, ort-tensorrt, ort-cuda, ort, torch-cuda or torch (see `edge-ssl backends`)."),
 ]
-
-
-def _providers(text: str | None) -> list[str] | None:
-    return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
 # ---------------------------------------------------------------- export
@@ -39,7 +37,7 @@ def export(
     bake_normalization: Annotated[bool, typer.Option("--bake-normalization", help="Normalize inside the graph (input: pixels 0..1).")] = False,
     exporter: Annotated[str, typer.Option(help="torchscript (default) or dynamo (needs onnxscript, opset >= 18).")] = "torchscript",
     data: DataOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (onnxslim-cleaned, checked) with a parity check against the PyTorch model on real images."""
@@ -77,14 +75,14 @@ def build(
     timing_cache: Annotated[Path | None, typer.Option(help="Persistent timing cache (default ~/.cache/edge-ssl/tensorrt/timing.cache).")] = None,
     trtexec: Annotated[bool, typer.Option("--trtexec", help="Build with the trtexec tool instead of the Python bindings.")] = False,
     trtexec_path: Annotated[Path | None, typer.Option(help="trtexec executable (default: PATH or JetPack's).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="TensorRT builder log.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a TensorRT engine for this GPU (TensorRT 10 or 11) into a new bundle."""
     from edge_ssl.runtime.build import build_bundle, default_timing_cache
 
-    sizes = parse_int_list(batch, "--batch")
+    sizes = parse_batch_sizes(batch, "--batch")
     if len(sizes) != 3:
         raise ConfigError(f"--batch expects min,opt,max (three integers); got {batch!r}.")
     result = build_bundle(
@@ -120,7 +118,7 @@ def bench(
     """Latency p50/p90/p99 (MLPerf single-stream p90 is the headline) and throughput per batch size."""
     from edge_ssl.runtime.bench import bench_bundle, check_bench_settings
 
-    sizes = check_bench_settings(parse_int_list(batch, "--batch"), duration, warmup, iterations)
+    sizes = check_bench_settings(parse_batch_sizes(batch, "--batch"), duration, warmup, iterations)
     if on:  # devices engineer: the agent measures on the device (edge_ssl.devices.remote)
         from edge_ssl.commands.devices import bench_on_devices
 
@@ -132,7 +130,7 @@ def bench(
     with _BenchProgress(console, enabled=not as_json and iterations is None and duration * len(sizes) >= 3) as bar:
         report = bench_bundle(
             bundle, backend, batch_sizes=sizes, duration_s=duration, warmup_s=warmup,
-            iterations=iterations, threads=threads, providers=_providers(providers),
+            iterations=iterations, threads=threads, providers=comma_list(providers),
             precision=precision, progress=bar.update, record=record,
         )
     if as_json:
@@ -241,7 +239,7 @@ def refit(
     bundle: Annotated[Path, typer.Argument(help="A bundle with a refittable engine (`edge-ssl build --refit`).")],
     weights: Annotated[Path, typer.Option(help="Bundle with the new float weights (same architecture, e.g. adapted).")],
     out: Annotated[Path, typer.Option(help="Bundle to write: new weights, ONNX and refit engine.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Put new weights into a TensorRT engine without rebuilding it (on-device adaptation)."""
