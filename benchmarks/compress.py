@@ -25,10 +25,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"unlabeled": 2000, "bank_per_file": 500, "test": 500, "width": 0.25, "init": "teacher", "epochs": 3,
          "cache_views": 2, "batch_size": 128, "prune_importance": "l2", "recovery_epochs": 0,
-         "calibration_images": 128, "bench_seconds": 2.0}
+         "calibration_images": 128, "bench_seconds": 2.0, "prune_ratio": 0.5}
 FULL = {"unlabeled": None, "bank_per_file": None, "test": None, "width": 0.5, "init": "teacher", "epochs": 3,
         "cache_views": 2, "batch_size": 256, "prune_importance": "taylor", "recovery_epochs": 2,
-        "calibration_images": 512, "bench_seconds": 5.0}
+        "calibration_images": 512, "bench_seconds": 5.0, "prune_ratio": 0.5}
+#: --validation: the last N labeled images of each train file are the kNN queries (and are
+#: left out of the bank and of the unlabeled training images); the test file is not read.
+VALIDATION_PER_FILE = 500
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,11 +55,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill-cache-views", type=int, default=None, metavar="N",
                         help="fixed views per image the distillation caches (default: 2; pruning's "
                              "recovery keeps 2)")
+    parser.add_argument("--validation", action="store_true",
+                        help=f"choose settings: kNN queries are the last {VALIDATION_PER_FILE} images of each "
+                             "train file (held out of training and the bank); the test file is not read")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (epochs, width, prune_ratio, recovery_epochs, "
+                             "prune_importance, ...); repeatable")
+    parser.add_argument("--distilled", type=Path, default=None,
+                        help="reuse this distilled bundle (of the same teacher and data) instead of distilling")
+    parser.add_argument("--skip-ssl-alone", action="store_true",
+                        help="do not train the SSL-alone baseline (variants of one setting)")
     return parser.parse_args(argv)
 
 
-def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(unlabeled train images, labeled bank, labeled test) from the CIFAR-10 subset."""
+def apply_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs over ``settings``, each value parsed as the type it replaces."""
+    out = dict(settings)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in out:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(out)}")
+        old = out[key]
+        if isinstance(old, str):
+            out[key] = text
+        elif isinstance(old, int) and not isinstance(old, bool):
+            out[key] = int(text)
+        else:
+            out[key] = None if text == "none" else float(text)
+    return out
+
+
+def load_data(data_dir: Path, settings: dict[str, Any], validation: bool = False) -> tuple[Any, Any, Any]:
+    """(unlabeled train images, labeled bank, labeled test) from the CIFAR-10 subset; with
+    ``validation`` the "test" set is held out of the train files instead."""
     import numpy as np
 
     from edge_ssl.data.sources import ImageDataset, load_images
@@ -66,6 +97,8 @@ def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
     missing = [str(p) for p in [*files, test_file] if not p.is_file()]
     if missing:
         raise SystemExit(f"CIFAR-10 subset not found ({missing[0]}); see ../shared/data/README.md")
+    if validation:
+        return _validation_split(files, settings)
     per_file = settings["bank_per_file"]
     bank = load_images([str(f) for f in files]) if per_file is None else _concat(
         [load_images(str(f), limit=per_file) for f in files])
@@ -74,6 +107,23 @@ def load_data(data_dir: Path, settings: dict[str, Any]) -> tuple[Any, Any, Any]:
     unlabeled = ImageDataset(np.ascontiguousarray(bank.images[:count]), None, None,
                              f"{data_dir} train files (labels unused, {count} images)")
     return unlabeled, bank, test
+
+
+def _validation_split(files: list[Path], settings: dict[str, Any]) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    from edge_ssl.data.sources import ImageDataset, load_images
+
+    loaded = [load_images(str(f)) for f in files]
+    held = _concat([p.subset(np.arange(len(p) - VALIDATION_PER_FILE, len(p))) for p in loaded])
+    kept = [p.subset(np.arange(len(p) - VALIDATION_PER_FILE)) for p in loaded]
+    per_file = settings["bank_per_file"]
+    bank = _concat([p if per_file is None else p.subset(np.arange(min(per_file, len(p)))) for p in kept])
+    count = settings["unlabeled"] or len(bank)
+    unlabeled = ImageDataset(np.ascontiguousarray(bank.images[:count]), None, None,
+                             f"train files minus the validation images (labels unused, {count} images)")
+    limit = settings["test"]
+    return unlabeled, bank, held if limit is None else held.subset(np.arange(min(limit, len(held))))
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -158,11 +208,11 @@ def add_board(rows: list[dict[str, Any]], profile: str | None) -> None:
             f"[{predicted.interval_ms[0]:.3f}-{predicted.interval_ms[1]:.3f}] (predicted)")
 
 
-def board_search(args: argparse.Namespace, teacher: Any, width: float) -> tuple[float, float, Any]:
+def board_search(args: argparse.Namespace, teacher: Any, width: float, ratio: float) -> tuple[float, float, Any]:
     """(width, prune ratio, search) chosen for the --for budget before training; the student
     stays resnet18_cifar (init=teacher needs the teacher's architecture)."""
     if args.profile is None or args.max_latency_ms is None:
-        return width, 0.5, None
+        return width, ratio, None
     from edge_ssl.compress.prune import board_round_to
     from edge_ssl.compress.search import candidate_specs, candidates_table, search
 
@@ -175,6 +225,20 @@ def board_search(args: argparse.Namespace, teacher: Any, width: float) -> tuple[
     if found.chosen is None:
         raise SystemExit(f"no candidate fits {args.max_latency_ms} ms on {args.profile}: {found.notes}")
     return float(found.chosen.spec.kwargs["width"]), found.chosen.spec.prune or 0.0, found
+
+
+def reuse_distilled(path: Path, teacher: Any) -> Any:
+    """A finished distillation of ``teacher`` (its lineage names the teacher's sha256)."""
+    from types import SimpleNamespace
+
+    from edge_ssl.bundle import Bundle
+
+    bundle = Bundle.open(path, verify=True)
+    last = bundle.manifest.lineage[-1] if bundle.manifest.lineage else None
+    if last is None or last.stage != "distill" or last.parent != teacher.manifest_sha256:
+        raise SystemExit(f"--distilled {path}: not a distillation of {teacher.path}")
+    log(f"distill: reused {path}")
+    return SimpleNamespace(bundle=bundle)
 
 
 def public(row: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.distill_cache_views is not None and args.distill_cache_views < 1:
         raise SystemExit(f"--distill-cache-views must be >= 1; got {args.distill_cache_views}")
     settings = {**settings, "distill_cache_views": args.distill_cache_views or settings["cache_views"]}
+    settings = apply_overrides(settings, args.overrides)
     import torch
     from edge_ssl.compress.distill import DistillConfig, distill
     from edge_ssl.compress.inc import inc_available
@@ -261,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     teacher = Bundle.open(args.teacher, verify=True)
-    unlabeled, bank, test = load_data(args.data, settings)
+    unlabeled, bank, test = load_data(args.data, settings, args.validation)
     knn = KnnData.from_datasets(bank, test)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-ssl-bench-compress-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -270,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {len(unlabeled)} unlabeled, bank {len(bank)}, test {len(test)}; work dir {workdir}")
 
     rows = [meter.row("teacher", teacher)]
-    width, prune_ratio, found = board_search(args, teacher, settings["width"])
+    width, prune_ratio, found = board_search(args, teacher, settings["width"], settings["prune_ratio"])
     settings = {**settings, "width": width, "prune_ratio": prune_ratio}
     student_kwargs = {"width": settings["width"]}
     t0 = time.perf_counter()
-    distilled = distill(teacher, DistillConfig(
+    distilled = reuse_distilled(args.distilled, teacher) if args.distilled else distill(teacher, DistillConfig(
         student="resnet18_cifar", student_kwargs=student_kwargs, objectives=("feature", "seed"),
         epochs=settings["epochs"], batch_size=settings["batch_size"], cache_views=settings["distill_cache_views"],
         warmup_epochs=min(1.0, settings["epochs"] / 5), device=args.device, init=settings["init"],
@@ -282,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     timings["distill_s"] = time.perf_counter() - t0
     rows.append(meter.row("distill", distilled.bundle))
 
-    t0 = time.perf_counter()
-    baseline, ssl_epochs = ssl_alone(student_kwargs, unlabeled, timings["distill_s"], settings,
-                                     workdir / "ssl-alone.edge", args.device)
-    timings["ssl_alone_s"] = time.perf_counter() - t0
-    ssl_row = meter.row("ssl_alone", baseline)
+    ssl_row, ssl_epochs = None, None
+    if not args.skip_ssl_alone:
+        t0 = time.perf_counter()
+        baseline, ssl_epochs = ssl_alone(student_kwargs, unlabeled, timings["distill_s"], settings,
+                                         workdir / "ssl-alone.edge", args.device)
+        timings["ssl_alone_s"] = time.perf_counter() - t0
+        ssl_row = meter.row("ssl_alone", baseline)
 
     t0 = time.perf_counter()
     round_to = 8 if args.profile is None else board_round_to(args.profile, args.precision)
@@ -310,14 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(meter.row("int8", quantized))
 
     log("latency: every stage back to back")
-    latency_conditions = meter.latencies([*rows, ssl_row])
-    add_board([*rows, ssl_row], args.profile)
+    measured = [*rows, *([ssl_row] if ssl_row else [])]
+    latency_conditions = meter.latencies(measured)
+    add_board(measured, args.profile)
     fp32, int8, first = rows[2], rows[3], rows[0]
     summary: dict[str, Any] = {
         "speedup_b1": first["ort_cpu_ms_b1"] / int8["ort_cpu_ms_b1"],
         "speedup_b32": first["ort_cpu_ms_b32"] / int8["ort_cpu_ms_b32"],
         "knn_drop_pts": 100 * (first["knn_top1"] - int8["knn_top1"]),
-        "distill_vs_ssl_alone_pts": 100 * (rows[1]["knn_top1"] - ssl_row["knn_top1"]),
+        "distill_vs_ssl_alone_pts": None if ssl_row is None else 100 * (rows[1]["knn_top1"] - ssl_row["knn_top1"]),
         "int8_vs_fp32_speedup_b1": fp32["ort_cpu_ms_b1"] / int8["ort_cpu_ms_b1"],
         "int8_vs_fp32_speedup_b32": fp32["ort_cpu_ms_b32"] / int8["ort_cpu_ms_b32"],
         "int8_knn_drop_pts": 100 * (fp32["knn_top1"] - int8["knn_top1"]),
@@ -337,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     timings["total_s"] = time.perf_counter() - started
     result = {
         "command": "python benchmarks/compress.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "mode": "quick" if args.quick else "full",
+        "mode": ("quick" if args.quick else "full") + (" (validation)" if args.validation else ""),
+        "knn_queries": (f"validation: the last {VALIDATION_PER_FILE} images of each train file"
+                        if args.validation else "cifar10_test.npz"),
         "teacher": {**public(rows[0]), "path": str(args.teacher)},
         "stages": [public(row) for row in rows[1:]],
-        "ssl_alone": public(ssl_row),
+        "ssl_alone": None if ssl_row is None else public(ssl_row),
         "board": None if args.profile is None else {
             "profile": args.profile, "precision": args.precision, "max_latency_ms": args.max_latency_ms,
             "chosen_fits": None if found is None else rows[-1]["board_ms_b1"] <= args.max_latency_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class RecipeConfig:
     (``compress/search.py``) picks the student and prune ratio that fit, unless ``search``
     is false; a teacher that fits already is not compressed unless ``force``. For
     ``ort-cpu`` the budget is this host's onnxruntime-CPU latency at ``latency_batch``.
+    ``on`` (``--on``: ``ssh://user@host`` or ``local``) measures every stage on that device
+    through the agent, and the budget is checked on that MEASURED latency.
     """
 
     student: str | None = None
@@ -59,6 +62,7 @@ class RecipeConfig:
     threads: int | None = None
     search: bool = True
     force: bool = False
+    on: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("student_kwargs", "distill", "prune_options", "quantize_options"):
@@ -235,6 +239,10 @@ class StageRow:
     board_interval_ms: list[float] | None = None
     board_kind: str | None = None
     board_precision: str | None = None
+    #: measured on the --on device (measured-on-board) with the agent's backend
+    device: str | None = None
+    device_ms: float | None = None
+    device_backend: str | None = None
     launch_bound_share: float | None = None
     budget_kind: str | None = MEASURED_HOST
     #: the ONNX graph the row was measured on, and whether it is the bundle's own model.onnx
@@ -245,6 +253,8 @@ class StageRow:
         """The latency the budget is checked on (None: none that may be, e.g. tensorrt, no board)."""
         if self.budget_kind == MEASURED_HOST:
             return self.latency_ms
+        if self.budget_kind == MEASURED_ON_BOARD:
+            return self.device_ms
         return self.board_ms if self.budget_kind == self.board_kind else None
 
     def latencies(self) -> list[dict[str, Any]]:
@@ -256,6 +266,9 @@ class StageRow:
         if self.board_ms is not None:
             found.append({"kind": self.board_kind, "ms": self.board_ms, "interval_ms": self.board_interval_ms,
                           "on": self.board, "precision": self.board_precision})
+        if self.device_ms is not None:
+            found.append({"kind": MEASURED_ON_BOARD, "ms": self.device_ms, "interval_ms": None,
+                          "on": f"{self.device} ({self.device_backend})", "precision": self.precision})
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,8 +326,8 @@ class CompressInterrupted(KeyboardInterrupt):
 class StageMeter:
     """Measures a bundle the same way for every stage: params, MACs, ONNX bytes, kNN, latency."""
 
-    def __init__(self, recipe: RecipeConfig, knn: Any | None, workdir: Path) -> None:
-        self.recipe, self.knn, self.workdir = recipe, knn, workdir
+    def __init__(self, recipe: RecipeConfig, knn: Any | None, workdir: Path, device: Any = None) -> None:
+        self.recipe, self.knn, self.workdir, self.device = recipe, knn, workdir, device
 
     def measure(self, name: str, bundle: Bundle, *, record: bool = True) -> StageRow:
         """Measure ``bundle``; ``record`` stores the row beside it (never for an input bundle:
@@ -343,9 +356,17 @@ class StageMeter:
             prediction = self._board(row, graph)
             if record:
                 _record_prediction(bundle, prediction)
+        if self.device is not None:
+            self._on_device(row, name, bundle, record)
         if record:
             record_results(bundle, "compress_stage", row.to_dict())
         return row
+
+    def _on_device(self, row: StageRow, name: str, bundle: Bundle, record: bool) -> None:
+        """Fill ``row``'s MEASURED latency on the --on device; the budget is checked on it."""
+        measured = self.device.measure(name, bundle, record=record)
+        row.device, row.device_ms, row.device_backend = measured.target, measured.ms, measured.backend
+        row.budget_kind = MEASURED_ON_BOARD
 
     def _board(self, row: StageRow, graph: Path) -> Any:
         """Fill ``row``'s board latency: PREDICTED for the recipe's profile (float stages run
@@ -538,6 +559,7 @@ def compress(
     resume: bool = False,
     log: Callable[[str], None] | None = None,
     progress: Callable[[Any], None] | None = None,
+    device_settings: Any = None,
 ) -> CompressResult:
     """Run the recipe's stages and keep the best one (meeting the targets, else the closest).
 
@@ -554,7 +576,8 @@ def compress(
     if found is not None and found.teacher_fits and not recipe.force:
         return CompressResult([], "teacher", True, teacher_fits_text(found), None, search=found)
     run = StageRun(work=_fresh_partial(out, resume), previous=stages_dir(out), resume=resume,
-                   fingerprints=_fingerprints(data, knn), say=say)
+                   fingerprints=_fingerprints(data, knn), say=say, name=out.name.removesuffix(".edge"),
+                   device_settings=device_settings)
     rows = _run_stages(teacher_bundle, recipe, data, knn, run, progress)
     chosen, met, message = choose_stage(rows, recipe)
     bundle = _publish(rows, chosen, out, run.work)
@@ -618,8 +641,9 @@ def _run_stages(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, knn: 
                 run: StageRun, progress: Callable[[Any], None] | None) -> list[StageRow]:
     rows: list[StageRow] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="edge-ssl-compress-") as tmp:
-            meter = StageMeter(recipe, knn, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="edge-ssl-compress-") as tmp, \
+                _device_meter(recipe, run) as device:
+            meter = StageMeter(recipe, knn, Path(tmp), device)
             rows.append(meter.measure("teacher", teacher, record=False))
             run.say(_row_text(rows[-1]))
             current = teacher
@@ -633,6 +657,20 @@ def _run_stages(teacher: Bundle, recipe: RecipeConfig, data: ImageDataset, knn: 
     except KeyboardInterrupt as exc:
         raise CompressInterrupted(run.current, finished_stages(run.work), run.work) from exc
     return rows
+
+
+@contextlib.contextmanager
+def _device_meter(recipe: RecipeConfig, run: StageRun) -> Iterator[Any]:
+    """The --on device, connected (and asked who it is) before any stage runs; else None."""
+    if recipe.on is None:
+        yield None
+        return
+    from edge_ssl.compress.on_device import DeviceMeter
+
+    run.say(f"latency: measured on {recipe.on} through the agent (measured-on-board)")
+    with DeviceMeter(recipe.on, run.device_settings, batch=recipe.latency_batch,
+                     seconds=recipe.bench_seconds, run=run.name) as meter:
+        yield meter
 
 
 StageRunner = Callable[[Bundle, Path, bool], Bundle]
@@ -673,6 +711,8 @@ class StageRun:
     resume: bool
     fingerprints: Mapping[str, str | None]
     say: Callable[[str], None]
+    name: str = "compress"
+    device_settings: Any = None  # SSH settings for --on
     reused: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     current: str = "teacher"

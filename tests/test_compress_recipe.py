@@ -198,3 +198,31 @@ def test_stage_messages_name_what_compress_takes():
     text = compress_terms("quantize", "Raise --max-fallback, use entropy calibration.")
     assert "quantize_options.max_fallback" in text
     assert compress_terms("prune", "Lower --ratio or exclude layers.") == "Lower --prune or exclude layers."
+
+
+def test_compress_on_a_device_checks_the_budget_on_what_it_measured_there(teacher_bundle, tmp_path,
+                                                                          monkeypatch, capsys):
+    """--on local: the agent measures every stage (teacher included) on the "device"; the rows
+    carry measured-on-board latencies and the budget is checked on them, not on the host's."""
+    import sys
+
+    monkeypatch.setenv("EDGE_SSL_REMOTE_ROOT", str(tmp_path / "device"))
+    monkeypatch.setenv("EDGE_SSL_DEVICE_PYTHON", sys.executable)
+    code, _ = _compress_cli(teacher_bundle, tmp_path, "--quantize", "none", "--on", "local",
+                            "--set", "bench_seconds=0.2", "--max-latency-ms", "10000", "--json")
+    assert code in (0, None)
+    table = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in table["stages"]] == ["teacher", "distill", "prune"]
+    for row in table["stages"]:
+        kinds = [e["kind"] for e in row["latencies"]]
+        assert kinds == ["measured-host", "measured-on-board"] and row["budget_kind"] == "measured-on-board"
+        assert row["device_ms"] > 0 and row["device_backend"] == "onnxruntime"
+    assert table["met"]
+
+
+def test_an_unreachable_device_is_refused_before_any_training(teacher_bundle, tmp_path, capsys):
+    code, _ = _compress_cli(teacher_bundle, tmp_path, "--on", "ssh://nobody@127.0.0.1:1",
+                            "--max-latency-ms", "5")
+    assert code == 1
+    assert "127.0.0.1" in capsys.readouterr().err
+    assert not (tmp_path / "c.edge.stages.partial" / "1-distill.edge").exists()

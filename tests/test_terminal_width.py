@@ -48,3 +48,24 @@ def test_json_output_is_not_shaped_by_the_terminal(command, capsys, monkeypatch)
     narrow = json.loads("\n".join(_printed(command, capsys, monkeypatch)))
     main_out = _printed(command, capsys, monkeypatch, width=200)
     assert json.loads("\n".join(main_out)) == narrow
+
+
+@pytest.mark.parametrize("board, device", [(None, None), ("orin-nano-8gb", None),
+                                           ("orin-nano-8gb", "ssh://nvidia@orin-lab-07")])
+def test_the_compress_table_fits_80_columns(board, device, capsys):
+    """Large numbers in every column (a ResNet-50 teacher on a slow board) still fit."""
+    from types import SimpleNamespace
+
+    from edge_ssl.commands.compress import _print_table
+    from edge_ssl.compress.recipe import StageRow
+
+    rows = [StageRow(name, "x.edge", 25_557_032, 4_111_514_624, 102_000_000, 0.7615, 123.45, "host", "fp32",
+                     board=board, board_ms=45.678, board_interval_ms=[31.25, 66.5], board_precision="int8",
+                     device=device, device_ms=51.234 if device else None, device_backend="onnxruntime")
+            for name in ("teacher", "distill", "prune", "quantize")]
+    _print_table(SimpleNamespace(rows=rows, chosen="quantize", message="targets met",
+                                 bundle=SimpleNamespace(path="c.edge")))
+    cells = ["25.56M", "4111.5M", "76.15", "123.45", "quantize *"]
+    cells += ["45.678"] if board else []
+    cells += ["51.234"] if device else (["31.25-66.50"] if board else [])
+    assert_fits(capsys.readouterr().out.splitlines(), cells)

@@ -215,7 +215,8 @@ def compress(
     precision: Annotated[str | None, typer.Option(help="int8, fp16 or none: the final precision (same as --quantize).")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1: on the --for board (predicted), else this host's onnxruntime CPU (measured).")] = None,
     force: Annotated[bool, typer.Option(help="Compress even when the teacher already fits the --for budget.")] = False,
-    on: Annotated[str | None, typer.Option("--on", help="Measure on a device instead of predicting (not available in compress yet: the error says what to run).")] = None,
+    on: Annotated[str | None, typer.Option("--on", help="Measure every stage on this device (ssh://user@host or local) through the agent; the budget is checked on that MEASURED latency.")] = None,
+    accept_new_host: Annotated[bool, typer.Option(help="With --on: trust a device's SSH host key on first contact.")] = False,
     max_knn_drop: Annotated[float | None, typer.Option(help="Allowed kNN top-1 drop vs the teacher, in points.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags given here override it.")] = None,
     set_keys: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE overriding one recipe key, e.g. distill.batch_size=64 or quantize_options.calibration_images=128 (repeatable).")] = None,
@@ -233,14 +234,15 @@ def compress(
     run leaves an earlier OUT as it was; --resume continues it.
     """
     from edge_ssl.bundle import Bundle
+    from edge_ssl.commands.devices import env_settings
     from edge_ssl.compress.recipe import CompressInterrupted
     from edge_ssl.compress.recipe import compress as run_compress
 
-    _check_board_flags(on, device, quantize_to, precision)
+    _check_board_flags(device, quantize_to, precision)
     config = _compress_recipe(recipe, set_keys, student=student, arch_opt=arch_opt, prune=prune_ratio,
                               quantize=quantize_to or precision, target=target, profile=for_profile,
                               max_latency_ms=max_latency_ms, max_knn_drop=max_knn_drop,
-                              force=force or None, epochs=epochs, device=device)
+                              force=force or None, epochs=epochs, device=device, on=on)
     teacher_bundle = Bundle.open(teacher, verify=True)  # opened once for the whole run
     knn = _knn_data(eval_data, eval_test, bundle=teacher_bundle, limit=eval_limit)
     dataset = _images_for(teacher_bundle, data, limit)
@@ -248,7 +250,8 @@ def compress(
     try:
         with TrainingProgress(console) as bar:
             result = run_compress(teacher_bundle, config, dataset, out, knn=knn, overwrite=overwrite, resume=resume,
-                                  log=lambda m: console.print(m), progress=bar.update)
+                                  log=lambda m: console.print(m), progress=bar.update,
+                                  device_settings=env_settings(accept_new_host) if config.on else None)
     except CompressInterrupted as stop:
         typer.echo(_interrupted_text(ctx, stop), err=True)
         raise typer.Exit(130) from None
@@ -264,18 +267,34 @@ def _show(result: Any, as_json: bool) -> None:
         _print_table(result)
 
 
-def _check_board_flags(on: str | None, device: str | None, quantize: str | None, precision: str | None) -> None:
-    """--on is not wired into compress; --device is a torch device, never a board; one precision."""
+def _table_columns(board: str | None, device: str | None) -> list[str]:
+    columns = ["stage", "params", "MACs"] + ([] if board or device else ["bytes"]) + ["kNN %", "host ms"]
+    columns += (["board ms"] + ([] if device else ["range ms"])) if board else []  # 80 columns
+    columns += ["device ms"] if device else []
+    return columns + (["prec"] if board or device else ["precision"])
+
+
+def _table_cells(row: Any, chosen: str, board: str | None, device: str | None) -> list[str]:
+    cells = [row.name + (" *" if row.name == chosen else ""),
+             "-" if row.params is None else f"{row.params / 1e6:.2f}M",
+             "-" if row.macs is None else f"{row.macs / 1e6:.1f}M"]
+    cells += [] if board or device else [f"{row.bytes / 1e6:.2f} MB"]
+    cells += ["-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}",
+              "-" if row.latency_ms is None else f"{row.latency_ms:.2f}"]
+    if board:
+        low, high = row.board_interval_ms or (None, None)
+        cells.append("-" if row.board_ms is None else f"{row.board_ms:.3f}")
+        cells += [] if device else ["-" if low is None else f"{low:.2f}-{high:.2f}"]
+    if device:
+        cells.append("-" if row.device_ms is None else f"{row.device_ms:.3f}")
+    return cells + [(row.board_precision or row.precision) if board else row.precision]
+
+
+def _check_board_flags(device: str | None, quantize: str | None, precision: str | None) -> None:
+    """--device is a torch device, never a board; one precision."""
     from edge_ssl.devices.profiles import load_profiles
     from edge_ssl.errors import ConfigError
 
-    if on is not None:
-        raise ConfigError(
-            f"compress --on {on}: measuring every stage on a device is not available in compress yet "
-            "(nothing was run). Compress with --for PROFILE (latency predicted for the board), then "
-            "measure: `edge-ssl bench OUT.stages/3-quantize.edge --on " + on + " --backend tensorrt`, "
-            "and fold it into later predictions with `edge-ssl predict --calibrate OUT.stages/3-quantize.edge`."
-        )
     if device is not None and device in load_profiles():
         raise ConfigError(f"--device {device} names a board; --device is the torch device for training "
                           f"(auto, cpu, cuda). Use --for {device} for the board.")
@@ -366,35 +385,28 @@ def _given_args(ctx: Any) -> list[str]:
 
 
 def _print_table(result: Any) -> None:
-    """The stage table; with a board, its PREDICTED latency beside this host's measured one."""
+    """The stage table: this host's measured latency, the board's PREDICTED one with its
+    interval (--for) and the device's MEASURED one (--on)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     board = result.rows[0].board if result.rows else None
-    table = Table(title="edge-ssl compress")
-    columns = ["stage", "params", "MACs", "kNN top-1", "host ms", "board ms", "interval", "prec"] if board else [
-        "stage", "params", "MACs", "bytes", "kNN top-1", "host ms", "precision"]
-    for column in columns:
-        table.add_column(column, justify="right")
+    device = result.rows[0].device if result.rows else None
+    table = Table(title="edge-ssl compress (* = the stage written to OUT)", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for column in _table_columns(board, device):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
-        cells = [row.name + (" *" if row.name == result.chosen else ""),
-                 "-" if row.params is None else f"{row.params / 1e6:.2f}M",
-                 "-" if row.macs is None else f"{row.macs / 1e6:.1f}M"]
-        if not board:
-            cells.append(f"{row.bytes / 1e6:.2f} MB")
-        cells += ["-" if row.knn_top1 is None else f"{100 * row.knn_top1:.2f}%",
-                  "-" if row.latency_ms is None else f"{row.latency_ms:.2f}"]
-        if board:
-            low, high = row.board_interval_ms or (None, None)
-            cells += ["-" if row.board_ms is None else f"{row.board_ms:.3f}",
-                      "-" if low is None else f"{low:.2f}-{high:.2f}", row.board_precision or "-"]
-        else:
-            cells.append(row.precision)
-        table.add_row(*cells)
+        table.add_row(*_table_cells(row, result.chosen, board, device))
     Console(width=80).print(table)
     typer.echo("host ms: measured here, onnxruntime CPU p50 (measured-host)")
     if board:
-        typer.echo(f"board ms: PREDICTED for {board} at batch 1 (predicted-for-board); the budget is "
-                   "checked on it")
+        typer.echo(f"board ms: PREDICTED for {board}, batch 1; range ms: its interval")
+    if device:
+        typer.echo(f"device ms: MEASURED on {device} through the agent")
+    kind = result.rows[-1].budget_kind if result.rows else None
+    if kind:
+        typer.echo(f"the budget is checked on the {kind} latency")
     typer.echo(result.message)
     typer.echo(f"wrote {result.bundle.path} (stage {result.chosen!r})")
