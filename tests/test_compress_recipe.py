@@ -7,7 +7,8 @@ import re
 
 import numpy as np
 import pytest
-from edge_ssl.compress.recipe import RecipeConfig, StageRow, choose_stage, load_recipe
+from edge_ssl.compress.recipe import RecipeConfig, load_recipe
+from edge_ssl.compress.stage_table import StageRow, choose_stage
 
 from edge_ssl.bundle import Bundle, read_results, sha256_file
 from edge_ssl.errors import ConfigError
@@ -191,7 +192,7 @@ def test_a_missed_target_says_which_way_to_go():
 
 
 def test_stage_messages_name_what_compress_takes():
-    from edge_ssl.compress.recipe import compress_terms
+    from edge_ssl.compress.stage_run import compress_terms
 
     text = compress_terms("distill", "16 images are fewer than one batch of 32; lower --batch-size.")
     assert "--batch-size" not in text and "distill.batch_size" in text

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edge_ssl.compress.recipe import MEASURED_HOST, PREDICTED_FOR_BOARD, RecipeConfig, compress
+from edge_ssl.compress.pipeline import compress
+from edge_ssl.compress.recipe import RecipeConfig
 from edge_ssl.compress.search import (
     CandidateSpec,
     LatencyBudgetError,
@@ -12,6 +13,7 @@ from edge_ssl.compress.search import (
     measure_candidate,
     search,
 )
+from edge_ssl.compress.stage_table import MEASURED_HOST, PREDICTED_FOR_BOARD
 from edge_ssl.devices import profiles
 from edge_ssl.devices.profiles import DeviceProfile
 

@@ -56,8 +56,9 @@ def test_the_compress_table_fits_80_columns(board, device, capsys):
     """Large numbers in every column (a ResNet-50 teacher on a slow board) still fit."""
     from types import SimpleNamespace
 
+    from edge_ssl.compress.stage_table import StageRow
+
     from edge_ssl.commands.compress import _print_table
-    from edge_ssl.compress.recipe import StageRow
 
     rows = [StageRow(name, "x.edge", 25_557_032, 4_111_514_624, 102_000_000, 0.7615, 123.45, "host", "fp32",
                      board=board, board_ms=45.678, board_interval_ms=[31.25, 66.5], board_precision="int8",

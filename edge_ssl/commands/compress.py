@@ -235,8 +235,8 @@ def compress(
     """
     from edge_ssl.bundle import Bundle
     from edge_ssl.commands.devices import env_settings
-    from edge_ssl.compress.recipe import CompressInterrupted
-    from edge_ssl.compress.recipe import compress as run_compress
+    from edge_ssl.compress.pipeline import compress as run_compress
+    from edge_ssl.compress.stage_run import CompressInterrupted
 
     _check_board_flags(device, quantize_to, precision)
     config = _compress_recipe(recipe, set_keys, student=student, arch_opt=arch_opt, prune=prune_ratio,
