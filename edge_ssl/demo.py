@@ -299,32 +299,38 @@ def stage_predict(run: DemoRun) -> None:
 
 
 def stage_adapt(run: DemoRun) -> None:
-    """Adapt the deployed student to a shifted (corrupted) copy of the images, without labels."""
+    """Adapt the deployed student to a shifted (corrupted) copy of the images, without labels;
+    kNN on shifted and clean test images before and after, and what adapting cost, in words."""
     _need("edge_ssl.adapt.api", "on-device adaptation")
     _need("edge_ssl.data.corruptions", "corruptions")
     from edge_ssl.adapt.api import AdaptConfig, adapt
     from edge_ssl.bundle import record_results
+    from edge_ssl.report.rows import adaptation_outcome
 
-    deployed = next((run.rows[s] for s in ("pruned", "student", "teacher") if s in run.rows), None)
+    # What ships is adapted: the INT8 student (re-quantized after adapting its float parent).
+    deployed = next((run.rows[s] for s in ("int8", "pruned", "student", "teacher") if s in run.rows), None)
     if deployed is None:
-        raise StageSkipped("no exported float model to adapt")
+        raise StageSkipped("no exported model to adapt")
     local, shifted_test = shifted_copies(run)
     config = AdaptConfig(steps=run.config.adapt_steps, batch_size=min(32, run.config.batch_size),
                          device=run.device, seed=run.config.seed, guard_every=max(1, run.config.adapt_steps // 4))
-    before = _shifted_knn(deployed, run, shifted_test) if run.train.labels is not None else None
+    before = _knn_pair(deployed, run, shifted_test)
     result = adapt(deployed, local, run.out / "adapted.edge", config, overwrite=True,
                    progress=run.stage_progress("adapt"))
     run.rows["adapted"] = result.bundle
-    after = _shifted_knn(result.bundle, run, shifted_test) if run.train.labels is not None else None
-    record_results(result.bundle, "adapt", {
-        "history": result.history, "guard": result.guard, "corruption": run.config.corruption,
-        "severity": run.config.severity, "steps_done": result.steps_done, "stopped": result.stopped,
-        "knn_top1_shifted_before": before, "knn_top1_shifted_after": after,
-    })
-    run.shifted = {"before": before, "after": after, "stopped": result.stopped}
-    if before is not None:
-        run.log(f"      kNN top-1 on {run.config.corruption} test images: {100 * before:.1f}% before, "
-                f"{100 * after:.1f}% after {result.steps_done} steps")
+    after = _knn_pair(result.bundle, run, shifted_test)
+    record = {"history": result.history, "guard": result.guard, "corruption": run.config.corruption,
+              "severity": run.config.severity, "steps_done": result.steps_done, "stopped": result.stopped,
+              "selection": result.selection,
+              "knn_top1_shifted_before": before[0], "knn_top1_shifted_after": after[0],
+              "knn_top1_clean_before": before[1], "knn_top1_clean_after": after[1]}
+    record_results(result.bundle, "adapt", record)
+    outcome = adaptation_outcome(record)
+    run.shifted = {"before": before[0], "after": after[0], "stopped": result.stopped,
+                   "clean_before": before[1], "clean_after": after[1],
+                   "words": None if outcome is None else outcome["words"]}
+    if outcome is not None:
+        run.log(f"      {outcome['words']}")
 
 
 def stage_report(run: DemoRun) -> None:
@@ -417,8 +423,12 @@ def shifted_copies(run: DemoRun) -> tuple[Any, Any]:
     return local, test
 
 
-def _shifted_knn(bundle: Any, run: DemoRun, shifted_test: Any) -> float:
-    return measure_knn(bundle, run.train, shifted_test, run.config.knn_k)[0]
+def _knn_pair(bundle: Any, run: DemoRun, shifted_test: Any) -> tuple[float | None, float | None]:
+    """kNN top-1 on the shifted and on the clean test images (None, None without labels)."""
+    if run.train.labels is None:
+        return None, None
+    return (measure_knn(bundle, run.train, shifted_test, run.config.knn_k)[0],
+            measure_knn(bundle, run.train, run.test, run.config.knn_k)[0])
 
 
 def demo_table(data: Any, stages: list[str]) -> dict[str, Any]:
@@ -526,9 +536,8 @@ def print_demo(report: dict[str, Any]) -> None:
     if predicted:
         console.print(_predicted_table(predicted))
     shifted = report.get("shifted") or {}
-    if shifted.get("before") is not None:
-        console.print(f"adaptation to {report['corruption']}: kNN top-1 on shifted test images "
-                      f"{100 * shifted['before']:.1f}% -> {100 * shifted['after']:.1f}%")
+    if shifted.get("words"):
+        console.print(shifted["words"])
     for stage, reason in report["skipped"].items():
         console.print(f"skipped {stage}: {reason}")
     if report["report"]:

@@ -288,3 +288,22 @@ def test_report_shows_the_numbers_compress_recorded_for_every_stage(tmp_path):
         assert "—" not in (cells["kNN top-1"], cells["MACs"])
     base = recorded[0]["latency_ms"]
     assert shown[-1][f"speed-up vs {shown[0]['bundle']}"] == f"{base / recorded[-1]['latency_ms']:.2f}×"
+
+
+def test_the_report_says_in_words_when_adaptation_cost_clean_accuracy(bundles, tmp_path):
+    from edge_ssl.bundle import Bundle
+
+    student = Bundle.open(bundles[1])
+    record = {"history": [{"step": i, "loss": 1.0} for i in range(3)], "corruption": "gaussian_noise",
+              "selection": {"kept": "adapted"},
+              "knn_top1_shifted_before": 0.40, "knn_top1_shifted_after": 0.52,
+              "knn_top1_clean_before": 0.764, "knn_top1_clean_after": 0.739}
+    record_results(student, "adapt", record)
+    out = tmp_path / "adapted.html"
+    write_report(bundles, out)
+    text = " ".join(_parse(out.read_text(encoding="utf-8")).text)
+    assert "+12.0 points" in text and "COST 2.5 points of clean accuracy" in text
+    record_results(student, "adapt", {**record, "knn_top1_clean_after": 0.762})
+    write_report(bundles, out, overwrite=True)
+    text = " ".join(_parse(out.read_text(encoding="utf-8")).text)
+    assert "COST" not in text and "no loss beyond noise" in text

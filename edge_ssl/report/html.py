@@ -12,6 +12,7 @@ from edge_ssl.report.rows import (
     LineageNode,
     ReportData,
     StageRow,
+    adaptation_outcome,
     human_bytes,
     human_count,
     latency_text,
@@ -58,6 +59,7 @@ def render_html(data: ReportData, charts: Mapping[str, bytes]) -> str:
     for name in ("pareto", "latency", "predicted", "adaptation"):
         if name in charts:
             sections.append(_chart_html(name, charts[name]))
+    sections.append(adaptation_outcome_html(data))
     sections.append(predicted_table_html(data))
     sections.append(environment_table_html(data))
     sections.append(files_html(data))
@@ -67,6 +69,20 @@ def render_html(data: ReportData, charts: Mapping[str, bytes]) -> str:
         f"<title>{escape(data.title)}</title><style>{_CSS}</style></head>\n"
         f"<body>\n{body}\n</body></html>\n"
     )
+
+
+def adaptation_outcome_html(data: ReportData) -> str:
+    """Per adapted bundle: kNN on shifted and clean images before and after, in words too."""
+    items = []
+    for row in data.rows:
+        for curve in row.adaptation:
+            outcome = adaptation_outcome(curve.get("summary") or {})
+            if outcome is not None:
+                items.append(f"<li id='adapt-{_sha_id(row.manifest_sha256)}'><b>{escape(row.name)}</b>: "
+                             f"{escape(outcome['words'])}</li>")
+    if not items:
+        return ""
+    return "<h2 id='adaptation-outcome'>What adaptation did</h2><ul>" + "".join(items) + "</ul>"
 
 
 def _chart_html(name: str, png: bytes) -> str:

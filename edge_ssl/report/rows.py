@@ -140,3 +140,36 @@ def latency_text(rec: LatencyRecord | None) -> str:
         return "—"
     p90 = "—" if rec.p90 is None else f"{rec.p90:.2f}"
     return f"{rec.p50:.2f} / {p90}"
+
+
+#: A clean-accuracy change below this many points is within the noise of a small test set.
+CLEAN_COST_NOTE_PTS = 0.5
+
+
+def adaptation_outcome(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Before/after kNN on shifted and clean test images of one adaptation run (its results
+    record), the candidate kept, and the sentence that says what adapting cost; None when the
+    run measured no accuracy."""
+    keys = ("knn_top1_shifted_before", "knn_top1_shifted_after", "knn_top1_clean_before", "knn_top1_clean_after")
+    values = {k: summary.get(k) for k in keys}
+    if values["knn_top1_shifted_before"] is None or values["knn_top1_shifted_after"] is None:
+        return None
+    selection = summary.get("selection") if isinstance(summary.get("selection"), Mapping) else {}
+    outcome = {**values, "corruption": summary.get("corruption"), "kept": selection.get("kept")}
+    return {**outcome, "words": adaptation_words(outcome)}
+
+
+def adaptation_words(outcome: Mapping[str, Any]) -> str:
+    """One sentence: what adapting did on the shifted images and what it cost on clean ones."""
+    shift = 100 * (outcome["knn_top1_shifted_after"] - outcome["knn_top1_shifted_before"])
+    corruption = outcome.get("corruption") or "the shifted images"
+    text = f"Adapting changed kNN top-1 on {corruption} by {shift:+.1f} points"
+    kept = outcome.get("kept")
+    text += f" (kept: {kept})" if kept else ""
+    before, after = outcome.get("knn_top1_clean_before"), outcome.get("knn_top1_clean_after")
+    if before is None or after is None:
+        return text + "; clean accuracy was not measured."
+    cost = 100 * (before - after)
+    if cost >= CLEAN_COST_NOTE_PTS:
+        return text + f"; it COST {cost:.1f} points of clean accuracy ({100 * before:.1f}% -> {100 * after:.1f}%)."
+    return text + f"; clean accuracy {100 * before:.1f}% -> {100 * after:.1f}% (no loss beyond noise)."
