@@ -78,7 +78,9 @@ class AdaptConfig:
     - ``keep_best``: before the result replaces the deployed weights, score the unadapted
       weights, AdaBN alone and the adapted weights on the held-back slice by a label-free
       criterion and keep the best (``edge_ssl.adapt.select``); a more complex candidate must
-      beat a simpler one by ``keep_margin``. Off only to study the steps themselves.
+      beat a simpler one by ``keep_margin`` (0.025: the middle of the margins that kept the
+      best of the three by kNN on every ``validation`` corruption; benchmarks/results/adapt.md).
+      Off only to study the steps themselves.
     """
 
     trainable: str = "auto"
@@ -108,7 +110,7 @@ class AdaptConfig:
     lora_rank: int = 4
     head_dim: int = 512
     keep_best: bool = True
-    keep_margin: float = 0.0
+    keep_margin: float = 0.025
     device: str = "auto"
     seed: int = 0
 
