@@ -47,7 +47,7 @@ def export(
         bundle, out, opset=opset, fp16=fp16, dynamic_batch=dynamic_batch,
         bake_normalization=bake_normalization, exporter=exporter,
         parity_images=data_source(data), overwrite=overwrite,
-    )
+    ).bundle
     info = result.manifest.metrics["export"]
     summary = {"bundle": str(result.path), "manifest_sha256": result.manifest_sha256,
                "precision": result.manifest.precision, "parity": info["parity"], "ops": info["ops"]}
