@@ -16,12 +16,14 @@ Nothing is switched unless every step succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ PROBE = ("import json, sys, torch, edge_ssl; print(json.dumps({'python': sys.ver
          "'edge_ssl': edge_ssl.__version__}))")
 #: Exit codes of a process the kernel killed (SIGKILL: usually the OOM killer on a Jetson).
 _KILLED = (137, -9)
+#: tegrastats period while the adaptation steps run (a step takes tenths of a second on a board).
+STEP_POWER_INTERVAL_MS = 100
 
 
 class DeviceAdaptError(TargetError):
@@ -69,6 +73,56 @@ class DeviceAdaptJob:
     resume: bool = False
     timeout_s: float = 6 * 3600.0
     keep: int = 3
+
+
+class StepPowerMeter:
+    """Energy per adaptation step where tegrastats exists (a Jetson): module power sampled
+    while the step loop runs (``edge_ssl.adapt.run`` wraps it in :meth:`sampling`), times the
+    measured seconds per step. Labelled measured; None with the reason where it cannot be."""
+
+    def __init__(self, interval_ms: int = STEP_POWER_INTERVAL_MS) -> None:
+        self.interval_ms = interval_ms
+        self.lines: list[str] = []
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """tegrastats runs in the background for the duration (nothing runs without it)."""
+        from edge_ssl.devices.agent import Tegrastats
+
+        sampler = Tegrastats(self.interval_ms)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.lines += sampler.stop()
+            self.seconds += time.perf_counter() - started
+
+    def measured(self, seconds_per_step: float | None) -> dict[str, Any]:
+        """{energy_per_step_j, avg_power_w, rail, ...}; the figures None with a reason when
+        there is no tegrastats, no timed step, or no line with power rails."""
+        from edge_ssl.devices.power import PowerError, summarize_power
+
+        record: dict[str, Any] = {"kind": "measured on this device (tegrastats)",
+                                  "energy_per_step_j": None, "avg_power_w": None}
+        if shutil.which("tegrastats") is None:
+            return {**record, "reason": "tegrastats is not on this machine's PATH (JetPack ships "
+                                        "it on Jetson boards); no power to measure."}
+        if not seconds_per_step:
+            return {**record, "reason": "no gradient step was timed."}
+        if not self.lines:
+            return {**record, "reason": f"tegrastats gave no line in the {self.seconds:.2f} s of "
+                                        f"steps (one every {self.interval_ms} ms); run more --steps."}
+        try:
+            power = summarize_power(self.lines, {"1": seconds_per_step * 1000.0})
+        except PowerError as exc:
+            return {**record, "reason": str(exc)}
+        return {**record, "energy_per_step_j": round(power.energy_per_inference_mj["1"] / 1000.0, 5),
+                "avg_power_w": round(power.avg_power_w, 3), "max_power_w": round(power.max_power_w, 3),
+                "rail": power.total_rail, "samples": power.samples, "interval_ms": self.interval_ms,
+                "sec_per_step": seconds_per_step,
+                "method": "average module power over the step loop (guard checks included) x the "
+                          "mean measured seconds per step"}
 
 
 def probe_device_python(target: Target, python: str) -> dict[str, Any]:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_ssl.adapt.config import AdaptConfig
-from edge_ssl.adapt.inputs import AdaptEvent, AdaptResult, check_bank, check_inputs, check_replay
-from edge_ssl.adapt.requantize import float_out, quantize_entry
+from edge_ssl.adapt.export import engine_messages
+from edge_ssl.adapt.inputs import (
+    AdaptEvent,
+    AdaptResult,
+    check_bank,
+    check_inputs,
+    check_replay,
+    run_out,
+)
 from edge_ssl.adapt.run import run_adaptation
 from edge_ssl.bundle import Bundle, check_bundle_out
 from edge_ssl.data.sources import ImageDataset
@@ -33,6 +41,7 @@ def adapt(
     replay: np.ndarray | None = None,
     replay_labels: np.ndarray | None = None,
     profile: str | None = None,
+    power: Any = None,
 ) -> AdaptResult:
     """Adapt ``bundle``'s encoder to the unlabeled ``data`` and write the result to ``out``.
 
@@ -48,23 +57,28 @@ def adapt(
     ``replay_labels``: labels of ``replay`` (default: the bundle's, when its replay file has
     them); with them the replay images are the labeled bank that ``keep_best`` scores against.
     ``profile``: a device profile name; the step's time on it is PREDICTED into the metrics.
+    ``power``: an ``edge_ssl.devices.remote_adapt.StepPowerMeter`` (the CLI passes one): energy
+    per step MEASURED with tegrastats, or None with the reason, in ``device_cost['energy']``.
     """
     deployed, weights = check_inputs(bundle, data, out, overwrite=overwrite, resume=resume)
     if export not in ("auto", "always", "never"):
         raise BundleError(f"export must be auto, always or never; got {export!r}.")
     bank = check_bank(replay, replay_labels, config, deployed, weights)
     replay = check_replay(replay, config, deployed, weights)
-    requantized = quantize_entry(deployed) is not None
-    float_path = float_out(Path(out)) if requantized else Path(out)
+    float_path = run_out(deployed, out)
+    requantized = float_path != Path(out)
     if requantized:
         check_bundle_out(float_path, overwrite=overwrite or resume)
     result = run_adaptation(
         deployed, weights, data, float_path, config, resume=resume, overwrite=overwrite or requantized,
         profile_memory_gb=profile_memory_gb, export="never" if requantized else export,
-        progress=progress or (lambda e: None), replay=replay, bank=bank, profile=profile,
+        progress=progress or (lambda e: None), replay=replay, bank=bank, profile=profile, power=power,
     )
     if requantized:
         _requantize(result, deployed, data, Path(out), overwrite=overwrite, bank=bank, progress=progress)
+    for line in engine_messages(result.export):  # refit here or rebuilt on the device: say which
+        (progress or (lambda e: None))(AdaptEvent("write", result.steps_done, result.steps_done,
+                                                  message=line))
     return result
 
 

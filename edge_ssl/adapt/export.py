@@ -97,7 +97,15 @@ def refit_engines(parent: Bundle, onnx_path: Path, workdir: Path, info: dict[str
         files[name] = target
         report[name] = {"refit": True, "weights": result.refitted, "seconds": round(result.seconds, 3)}
     info["engines"] = report
+    info["engine_path"] = {name: "refit" if isinstance(v, dict) else "rebuild" for name, v in report.items()}
     return files
+
+
+def engine_messages(export: dict[str, Any]) -> list[str]:
+    """One line per TensorRT engine of the input bundle: refit here, or rebuilt on the device."""
+    paths = (export.get("requantize") or {}).get("engine_path") or export.get("engine_path") or {}
+    return [f"engine refit here: {Path(name).name}" if path == "refit" else
+            f"engine to rebuild on the device: {Path(name).name}" for name, path in paths.items()]
 
 
 @torch.no_grad()

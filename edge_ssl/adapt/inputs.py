@@ -78,6 +78,14 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
     return checkpoint_dir(out) / "adapt.pt"
 
 
+def run_out(deployed: Bundle, out: str | os.PathLike) -> Path:
+    """Where the adaptation run of ``deployed`` writes (and checkpoints beside): ``out``, or for
+    a quantized bundle its float weights at OUT.stages/adapt.edge, re-quantized into ``out``."""
+    from edge_ssl.adapt.requantize import float_out, quantize_entry
+
+    return float_out(Path(out)) if quantize_entry(deployed) is not None else Path(out)
+
+
 def data_fingerprint(images: np.ndarray) -> str:
     """sha256 (first 16 hex) of the local images: lineage records it; --resume checks it."""
     import hashlib
@@ -98,14 +106,7 @@ def check_inputs(
     if out.resolve() in (deployed.path.resolve(), weights.path.resolve()):
         raise BundleError(f"--out {out} is the input bundle; adaptation writes a new bundle.")
     check_bundle_out(out, overwrite=overwrite)  # also: a non-bundle there is never replaced
-    ckpt = checkpoint_path(out)
-    if ckpt.exists() and not resume:
-        raise BundleError(
-            f"{ckpt} holds an interrupted adaptation run for {out}; pass --resume to continue "
-            f"it, or delete {ckpt.parent} to start over."
-        )
-    if resume and not ckpt.exists():
-        raise BundleError(f"--resume: no checkpoint at {ckpt}; run without --resume to start.")
+    _check_checkpoint(checkpoint_path(run_out(deployed, out)), out, resume)
     if len(data) < MIN_IMAGES:
         raise DataError(
             f"adaptation needs at least {MIN_IMAGES} local images ({MIN_HOLDOUT} held back for the "
@@ -113,6 +114,18 @@ def check_inputs(
             "more images first (a few hundred work well)."
         )
     return deployed, weights
+
+
+def _check_checkpoint(ckpt: Path, out: Path, resume: bool) -> None:
+    """--resume needs the run's checkpoint; a checkpoint there needs --resume (or deleting)."""
+    if ckpt.exists() and not resume:
+        raise BundleError(
+            f"{ckpt} holds an interrupted adaptation run for {out}; pass --resume to continue "
+            f"it, or delete {ckpt.parent} to start over."
+        )
+    if resume and not ckpt.exists():
+        raise BundleError(f"--resume: no checkpoint of an interrupted run for {out} at {ckpt}; "
+                          "run without --resume to start.")
 
 
 def split_holdout(count: int, config: AdaptConfig) -> tuple[np.ndarray, np.ndarray]:

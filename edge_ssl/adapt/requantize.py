@@ -42,8 +42,7 @@ def engine_plan(deployed: Bundle, graph: Path, workdir: Path) -> tuple[dict[str,
         return {}, {}
     info: dict[str, Any] = {}
     files = refit_engines(deployed, graph, workdir, info)
-    plan = {name: ("refit" if isinstance(v, dict) else "rebuild") for name, v in info["engines"].items()}
-    return {"engines": info["engines"], "engine_path": plan}, files
+    return {"engines": info["engines"], "engine_path": info["engine_path"]}, files
 
 
 def requantize(deployed: Bundle, adapted: Bundle, images: np.ndarray, out: Path, *, overwrite: bool,

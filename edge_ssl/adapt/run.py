@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import shutil
@@ -331,15 +332,17 @@ def run_adaptation(
     deployed: Bundle, weights: Bundle, data: ImageDataset, out: Path, config: AdaptConfig, *,
     resume: bool, overwrite: bool, profile_memory_gb: float | None, export: str,
     progress: Callable[[AdaptEvent], None], replay: np.ndarray | None = None,
-    bank: tuple[np.ndarray, np.ndarray] | None = None, profile: str | None = None,
+    bank: tuple[np.ndarray, np.ndarray] | None = None, profile: str | None = None, power: Any = None,
 ) -> AdaptResult:
     """The stage body behind :func:`edge_ssl.adapt.api.adapt` (inputs already checked).
-    ``bank``: labeled clean images for choosing the kept weights (edge_ssl.adapt.select)."""
+    ``bank``: labeled clean images for choosing the kept weights (edge_ssl.adapt.select).
+    ``power``: samples power during the steps (edge_ssl.devices.remote_adapt.StepPowerMeter)."""
     from edge_ssl.models import count_parameters
 
     device = resolve_device(config.device)
     run = _start_run(weights, data, out, config, device, progress, replay, resume, profile_memory_gb)
-    run.train()
+    with power.sampling() if power is not None else contextlib.nullcontext():
+        run.train()
     steps = config.steps if run.trainable.takes_gradient_steps else 0
     held, agreement = run.finish(steps)
     selection, candidates = _keep_best(run, weights, bank, device)
@@ -353,6 +356,8 @@ def run_adaptation(
     adapt_metrics["selection"] = None if selection is None else selection.to_dict()
     seconds = float(np.mean(run.step_seconds)) if run.step_seconds else None
     adapt_metrics["device_cost"] = _device_cost(run, encoder_cpu, seconds, adapt_metrics, profile)
+    if power is not None and adapt_metrics["device_cost"] is not None:
+        adapt_metrics["device_cost"]["energy"] = power.measured(seconds)
     settings = lineage_settings(config, data, run.plan.to_dict(), {
         "steps_done": run.step, "peak_step_mb": adapt_metrics["peak_step_mb"],
         "health_before": adapt_metrics["health_before"], "health_after": adapt_metrics["health_after"],

@@ -93,7 +93,7 @@ def adapt(
     _note_missing_settings(console, bundle, as_json)
     console.print(f"data: {dataset.source} ({len(dataset)} images, {dataset.image_size[0]}x{dataset.image_size[1]})")
     result = run_adapt(bundle, dataset, out, config, resume=resume, overwrite=overwrite,
-                       profile_memory_gb=_profile_memory_gb(profile, target),
+                       profile_memory_gb=_profile_memory_gb(profile, target), power=_power(),
                        export="always" if target and export == "auto" else export,
                        progress=_printer(console, as_json), replay=replay, profile=profile)
     report = result.to_dict()
@@ -103,6 +103,13 @@ def adapt(
         emit_json(report)
         return
     _summary(console, result, report.get("deploy"))
+
+
+def _power() -> Any:
+    """Energy per step, measured where tegrastats exists (a Jetson), else None with the reason."""
+    from edge_ssl.devices.remote_adapt import StepPowerMeter
+
+    return StepPowerMeter()
 
 
 def _note_missing_settings(console: Any, bundle: Path, as_json: bool) -> None:
