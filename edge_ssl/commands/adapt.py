@@ -224,6 +224,10 @@ def _summary(console: Any, result: Any, deploy: Any) -> None:
     if result.selection:
         console.print(f"kept: {result.selection['kept']} (of unadapted / AdaBN alone / adapted, by "
                       f"{result.selection['criterion']} on the held-back images)")
+    energy = (result.metrics.get("device_cost") or {}).get("energy") or {}
+    if energy.get("energy_per_step_j") is not None:
+        console.print(f"energy per step {energy['energy_per_step_j']:.3f} J at {energy['avg_power_w']:.2f} W "
+                      f"({energy['rail']}, measured)")
     if deploy:
         console.print(f"deployed version {deploy['version']} (previous {deploy['previous']}, kept for rollback)")
 
