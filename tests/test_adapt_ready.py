@@ -66,6 +66,7 @@ def test_adapt_with_no_option_uses_them_and_writes_int8_again(compressed):
     measured = entry.settings["requantize"]
     assert measured["seconds"] > 0 and measured["cosine_to_float"]["mean"] > 0.5
     assert measured["knn_top1"]["int8"] is not None
+    assert entry.settings["adapt_device_cost"]["measured_host"]["sec_per_step"] > 0  # the cost ships too
     recorded = bundle.manifest.lineage[-1].settings
     float_parent = Bundle.open(tmp / "adapted.edge.stages" / "adapt.edge")
     used = float_parent.manifest.lineage[-1].settings

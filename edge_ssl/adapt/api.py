@@ -91,7 +91,8 @@ def _requantize(result: AdaptResult, deployed: Bundle, data: ImageDataset, out: 
     if progress is not None:
         progress(AdaptEvent("write", result.steps_done, result.steps_done,
                             message=f"re-quantizing to {deployed.manifest.precision} like the deployed bundle"))
-    written, measured = requantize(deployed, result.bundle, data.images, out, overwrite=overwrite, bank=bank)
+    written, measured = requantize(deployed, result.bundle, data.images, out, overwrite=overwrite, bank=bank,
+                                   device_cost=result.metrics.get("device_cost"))
     result.metrics["requantize"] = measured
     result.export = {**result.export, "requantize": measured, "float_weights": str(result.bundle.path)}
     result.bundle = written

@@ -46,9 +46,11 @@ def engine_plan(deployed: Bundle, graph: Path, workdir: Path) -> tuple[dict[str,
 
 
 def requantize(deployed: Bundle, adapted: Bundle, images: np.ndarray, out: Path, *, overwrite: bool,
-               bank: tuple[np.ndarray, np.ndarray] | None) -> tuple[Bundle, dict[str, Any]]:
+               bank: tuple[np.ndarray, np.ndarray] | None,
+               device_cost: dict[str, Any] | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Quantize ``adapted`` (float) like ``deployed`` was, calibrating on the local ``images``;
-    (the new bundle, what was measured: seconds, cosine to float, INT8 kNN on the bank)."""
+    (the new bundle, what was measured: seconds, cosine to float, INT8 kNN on the bank). The
+    adaptation's ``device_cost`` (step time, memory, energy) goes into the new bundle's lineage."""
     from edge_ssl.compress.quantize import QuantizeConfig, quantize
 
     recorded = quantize_entry(deployed) or {}
@@ -65,7 +67,7 @@ def requantize(deployed: Bundle, adapted: Bundle, images: np.ndarray, out: Path,
                                                                   "min": report.min_cosine},
                              "knn_top1": _bank_knn(graph, adapted, bank), **engines,
                              "seconds": round(time.perf_counter() - started, 3)})
-            return {"requantize": measured}, files
+            return {"requantize": measured, "adapt_device_cost": device_cost}, files
 
         written = quantize(adapted, config, images, out, overwrite=overwrite, finish=finish).bundle
     return written, measured
