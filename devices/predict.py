@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edge_ssl.devices.profiles import DeviceProfile, architecture, get_profile, load_toml
 
 from edge_ssl.errors import ConfigError
