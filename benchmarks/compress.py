@@ -76,12 +76,12 @@ def apply_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str,
         if not sep or key not in out:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(out)}")
         old = out[key]
-        if isinstance(old, str):
-            out[key] = text
-        elif isinstance(old, int) and not isinstance(old, bool):
-            out[key] = int(text)
+        if text == "none" or isinstance(old, str):
+            out[key] = None if text == "none" else text
+        elif old is None or (isinstance(old, int) and not isinstance(old, bool)):
+            out[key] = int(text)  # None-valued keys are counts (unlabeled, bank_per_file, test)
         else:
-            out[key] = None if text == "none" else float(text)
+            out[key] = float(text)
     return out
 
 

@@ -21,14 +21,13 @@ DEVICE_BACKEND = "onnxruntime"
 
 @dataclass
 class DeviceMeasure:
-    """One stage's latency on the device: p50 at ``batch`` and where it came from."""
+    """One stage's latency on the device: p50 at the recipe's batch, the agent's backend and
+    the onnxruntime providers it ran with (a CPU-only onnxruntime there is visible)."""
 
     target: str
     ms: float
-    batch: int
     backend: str
     providers: list[str] | None
-    report: dict[str, Any]
 
 
 class DeviceMeter:
@@ -60,8 +59,8 @@ class DeviceMeter:
             path = bundle.path if bundle.has("model.onnx") else _exported(bundle, Path(tmp))
             report = self._bench(path, name, record=record and path == bundle.path)
         result = report["batches"][str(self.batch)]
-        return DeviceMeasure(self.target.label, float(result["p50"]), self.batch,
-                             report.get("backend", DEVICE_BACKEND), report.get("providers"), report)
+        return DeviceMeasure(self.target.label, float(result["p50"]),
+                             report.get("backend", DEVICE_BACKEND), report.get("providers"))
 
     def _bench(self, path: Path, name: str, *, record: bool) -> dict[str, Any]:
         from edge_ssl.devices.remote import remote_bench

@@ -43,6 +43,7 @@ class StageRow:
     device: str | None = None
     device_ms: float | None = None
     device_backend: str | None = None
+    device_providers: list[str] | None = None  # onnxruntime's providers there (CPU-only is said)
     launch_bound_share: float | None = None
     budget_kind: str | None = MEASURED_HOST
     #: the ONNX graph the row was measured on, and whether it is the bundle's own model.onnx
@@ -68,7 +69,9 @@ class StageRow:
                           "on": self.board, "precision": self.board_precision})
         if self.device_ms is not None:
             found.append({"kind": MEASURED_ON_BOARD, "ms": self.device_ms, "interval_ms": None,
-                          "on": f"{self.device} ({self.device_backend})", "precision": self.precision})
+                          "on": f"{self.device} ({self.device_backend}"
+                          f"{': ' + ', '.join(self.device_providers) if self.device_providers else ''})",
+                          "precision": self.precision})
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +141,7 @@ class StageMeter:
         """Fill ``row``'s MEASURED latency on the --on device; the budget is checked on it."""
         measured = self.device.measure(name, bundle, record=record)
         row.device, row.device_ms, row.device_backend = measured.target, measured.ms, measured.backend
+        row.device_providers = measured.providers
         row.budget_kind = MEASURED_ON_BOARD
 
     def _board(self, row: StageRow, graph: Path) -> Any:

@@ -382,16 +382,23 @@ def open_eval_runner(bundle: Any) -> tuple[Any, str]:
 
 def measure_knn(bundle: Any, train: Any, test: Any, k: int) -> tuple[float, str]:
     """Weighted kNN top-1 of ``bundle``'s embeddings (bank: labeled ``train``)."""
+    scores, backend = measure_knn_on(bundle, train, [test], k)
+    return scores[0], backend
+
+
+def measure_knn_on(bundle: Any, train: Any, tests: list[Any], k: int) -> tuple[list[float], str]:
+    """kNN top-1 on each of ``tests`` against one embedding of the labeled ``train`` bank."""
     from edge_ssl.evaluate import knn_top1
     from edge_ssl.runtime.embed import embed_with_runner
 
     runner, backend = open_eval_runner(bundle)
     spec = bundle.manifest.input
+    classes = len(train.class_names) if train.class_names else None
     with runner:
         bank = embed_with_runner(runner, train.images, spec, batch_size=128)
-        queries = embed_with_runner(runner, test.images, spec, batch_size=128)
-    classes = len(train.class_names) if train.class_names else None
-    return float(knn_top1(bank, train.labels, queries, test.labels, k=k, num_classes=classes)), backend
+        queries = [embed_with_runner(runner, test.images, spec, batch_size=128) for test in tests]
+    return [float(knn_top1(bank, train.labels, q, test.labels, k=k, num_classes=classes))
+            for q, test in zip(queries, tests, strict=True)], backend
 
 
 def _record_model_counts(bundle: Any) -> None:
@@ -427,8 +434,8 @@ def _knn_pair(bundle: Any, run: DemoRun, shifted_test: Any) -> tuple[float | Non
     """kNN top-1 on the shifted and on the clean test images (None, None without labels)."""
     if run.train.labels is None:
         return None, None
-    return (measure_knn(bundle, run.train, shifted_test, run.config.knn_k)[0],
-            measure_knn(bundle, run.train, run.test, run.config.knn_k)[0])
+    (shifted, clean), _ = measure_knn_on(bundle, run.train, [shifted_test, run.test], run.config.knn_k)
+    return shifted, clean
 
 
 def demo_table(data: Any, stages: list[str]) -> dict[str, Any]:

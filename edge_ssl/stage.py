@@ -31,15 +31,6 @@ class StageResult:
             self.metrics = {**self.metrics, **bundle.manifest.metrics}
         return bundle
 
-    @property
-    def manifest_sha256(self) -> str | None:
-        return None if self.bundle is None else self.bundle.manifest_sha256
-
-    def summary(self) -> dict[str, Any]:
-        """The fields every stage's ``--json`` starts with."""
-        return {"bundle": None if self.bundle is None else str(self.bundle.path),
-                "manifest_sha256": self.manifest_sha256}
-
 
 class FloatParent(NamedTuple):
     """A stage's input: the bundle as given, the bundle holding its float weights (itself or

@@ -29,6 +29,8 @@ def test_an_unknown_setting_is_refused_and_values_keep_their_type():
         compress.apply_overrides(compress.FULL, ["epoch=3"])
     changed = compress.apply_overrides(compress.FULL, ["epochs=5", "prune_ratio=0.4", "prune_importance=l2"])
     assert (changed["epochs"], changed["prune_ratio"], changed["prune_importance"]) == (5, 0.4, "l2")
+    counts = compress.apply_overrides(compress.FULL, ["unlabeled=2000", "test=none"])
+    assert counts["unlabeled"] == 2000 and isinstance(counts["unlabeled"], int) and counts["test"] is None
 
 
 def test_validation_queries_are_held_out_of_training_and_the_bank(tmp_path, monkeypatch):

@@ -218,6 +218,7 @@ def test_compress_on_a_device_checks_the_budget_on_what_it_measured_there(teache
         kinds = [e["kind"] for e in row["latencies"]]
         assert kinds == ["measured-host", "measured-on-board"] and row["budget_kind"] == "measured-on-board"
         assert row["device_ms"] > 0 and row["device_backend"] == "onnxruntime"
+        assert "CPUExecutionProvider" in row["device_providers"]  # said, never hidden
     assert table["met"]
 
 
