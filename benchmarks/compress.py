@@ -25,10 +25,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"unlabeled": 2000, "bank_per_file": 500, "test": 500, "width": 0.25, "init": "teacher", "epochs": 3,
          "cache_views": 2, "batch_size": 128, "prune_importance": "l2", "recovery_epochs": 0,
-         "calibration_images": 128, "bench_seconds": 2.0, "prune_ratio": 0.5}
+         "calibration_images": 128, "bench_seconds": 2.0, "prune_ratio": 0.5, "prune_steps": 1}
 FULL = {"unlabeled": None, "bank_per_file": None, "test": None, "width": 0.5, "init": "teacher", "epochs": 3,
         "cache_views": 2, "batch_size": 256, "prune_importance": "taylor", "recovery_epochs": 2,
-        "calibration_images": 512, "bench_seconds": 5.0, "prune_ratio": 0.5}
+        "calibration_images": 512, "bench_seconds": 5.0, "prune_ratio": 0.5, "prune_steps": 1}
 #: --validation: the last N labeled images of each train file are the kNN queries (and are
 #: left out of the bank and of the unlabeled training images); the test file is not read.
 VALIDATION_PER_FILE = 500
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"choose settings: kNN queries are the last {VALIDATION_PER_FILE} images of each "
                              "train file (held out of training and the bank); the test file is not read")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting (epochs, width, prune_ratio, recovery_epochs, "
+                        help="override one setting (epochs, width, prune_ratio, prune_steps, recovery_epochs, "
                              "prune_importance, ...); repeatable")
     parser.add_argument("--distilled", type=Path, default=None,
                         help="reuse this distilled bundle (of the same teacher and data) instead of distilling")
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     round_to = 8 if args.profile is None else board_round_to(args.profile, args.precision)
     pruned = distilled.bundle if not prune_ratio else prune(distilled.bundle, PruneConfig(
         ratio=prune_ratio, importance=settings["prune_importance"], recovery_epochs=settings["recovery_epochs"],
-        round_to=round_to,
+        steps=settings["prune_steps"], round_to=round_to,
         batch_size=min(64, settings["batch_size"]), device=args.device,
         recovery={"cache_views": settings["cache_views"], "batch_size": settings["batch_size"]},
     ), unlabeled, workdir / "2-prune.edge", overwrite=True).bundle

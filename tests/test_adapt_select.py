@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from edge_ssl.adapt.api import AdaptConfig, adapt
-from edge_ssl.adapt.select import DeployedBank, choose_candidate, keep_best, knn_information
+from edge_ssl.adapt.select import (
+    NO_BANK_REASON,
+    DeployedBank,
+    choose_candidate,
+    keep_best,
+    knn_information,
+)
 from edge_ssl.bundle import write_encoder_bundle
 from edge_ssl.data.sources import ImageDataset, embedded_default
 from edge_ssl.models import create_encoder, load_encoder
@@ -121,7 +127,9 @@ def test_without_a_labeled_bank_the_criterion_is_view_consistency(digits, deploy
     selection = result.selection
     assert selection["criterion"] == "view_consistency"
     assert set(selection["scores"]) == {"unadapted", "adabn", "adapted"}
-    assert selection["kept"] in ("unadapted", "adabn")  # bn-stats: adapted is AdaBN, a tie keeps the simpler
+    # the steps train view agreement, so their weights are scored but never kept on this score
+    assert selection["excluded"] == {"adapted": NO_BANK_REASON}
+    assert selection["kept"] in ("unadapted", "adabn")
 
 
 def test_the_step_cost_is_measured_here_and_predicted_for_the_board(digits, deployed, tmp_path):

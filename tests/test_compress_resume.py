@@ -78,7 +78,7 @@ def _measured(stage: Path) -> bool:
         return False
 
 
-def _interrupt_during_prune(args: list[str], partial: Path) -> subprocess.CompletedProcess:
+def _interrupt_during_prune(args: list[str], partial: Path) -> tuple[subprocess.CompletedProcess, str]:
     proc = subprocess.Popen(args, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -88,10 +88,18 @@ def _interrupt_during_prune(args: list[str], partial: Path) -> subprocess.Comple
             out, err = proc.communicate()
             pytest.fail(f"compress ended before the distill stage was measured:\n{out}\n{err}")
         time.sleep(0.02)
+    measured_at = time.monotonic()
     time.sleep(0.5)  # past the distill row's last line: pruning (several seconds) has begun
+    finished_first = proc.poll() is not None
     proc.send_signal(signal.SIGINT)
+    sent_at = time.monotonic()
     out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    # Say which way it failed: a run that ended before the signal is a timing problem of this
+    # test; one that ran on after it lost the Ctrl-C.
+    why = (f"SIGINT sent {sent_at - measured_at:.2f} s after the distill row; the run "
+           f"{'had already ended' if finished_first else 'was running'}; it ended "
+           f"{time.monotonic() - sent_at:.2f} s after the signal")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), why
 
 
 def _model_sha(bundle: Path) -> str:
@@ -107,8 +115,8 @@ def test_ctrl_c_during_prune_then_resume_reuses_distill_and_gives_the_same_bundl
 
     out = root / "resumed.edge"
     partial = out.with_name(out.name + ".stages.partial")
-    stopped = _interrupt_during_prune(_args(root, teacher, out, "--json"), partial)
-    assert stopped.returncode == 130, stopped.stderr
+    stopped, why = _interrupt_during_prune(_args(root, teacher, out, "--json"), partial)
+    assert stopped.returncode == 130, f"{stopped.stderr}\n{why}"
     message = stopped.stderr[stopped.stderr.find("interrupted"):]
     assert "interrupted during stage 'prune'" in message, stopped.stderr
     assert "1-distill.edge" in message and str(partial) in message
