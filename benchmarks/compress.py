@@ -227,8 +227,9 @@ def board_search(args: argparse.Namespace, teacher: Any, width: float, ratio: fl
     return float(found.chosen.spec.kwargs["width"]), found.chosen.spec.prune or 0.0, found
 
 
-def reuse_distilled(path: Path, teacher: Any) -> Any:
-    """A finished distillation of ``teacher`` (its lineage names the teacher's sha256)."""
+def reuse_distilled(path: Path, teacher: Any, width: float) -> Any:
+    """A finished distillation of ``teacher`` (its lineage names the teacher's sha256) into a
+    student of ``width`` (the setting, or what the --for search chose)."""
     from types import SimpleNamespace
 
     from edge_ssl.bundle import Bundle
@@ -237,8 +238,21 @@ def reuse_distilled(path: Path, teacher: Any) -> Any:
     last = bundle.manifest.lineage[-1] if bundle.manifest.lineage else None
     if last is None or last.stage != "distill" or last.parent != teacher.manifest_sha256:
         raise SystemExit(f"--distilled {path}: not a distillation of {teacher.path}")
+    found = bundle.manifest.encoder.kwargs.get("width")
+    if found != width:
+        raise SystemExit(f"--distilled {path}: its student has width {found}, this run needs {width}")
     log(f"distill: reused {path}")
     return SimpleNamespace(bundle=bundle)
+
+
+def final_bundle(int8: dict[str, Any], ready: Any) -> dict[str, Any]:
+    """The bundle the run ends with: the INT8 stage, made adaptation-ready (same model, adapt
+    settings and replay images added) unless --validation."""
+    if ready is None:
+        return {"path": int8["bundle"], "manifest_sha256": int8["manifest_sha256"], "adapt_ready": None}
+    record = ready.manifest.lineage[-1]
+    return {"path": str(ready.path), "manifest_sha256": ready.manifest_sha256,
+            "measured_as": int8["manifest_sha256"], "adapt_ready": record.settings}
 
 
 def public(row: dict[str, Any]) -> dict[str, Any]:
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**settings, "distill_cache_views": args.distill_cache_views or settings["cache_views"]}
     settings = apply_overrides(settings, args.overrides)
     import torch
+    from edge_ssl.compress.adapt_ready import adapt_ready_bundle
     from edge_ssl.compress.distill import DistillConfig, distill
     from edge_ssl.compress.inc import inc_available
     from edge_ssl.compress.measure import KnnData
@@ -339,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**settings, "width": width, "prune_ratio": prune_ratio}
     student_kwargs = {"width": settings["width"]}
     t0 = time.perf_counter()
-    distilled = reuse_distilled(args.distilled, teacher) if args.distilled else distill(teacher, DistillConfig(
+    distilled = reuse_distilled(args.distilled, teacher, width) if args.distilled else distill(teacher, DistillConfig(
         student="resnet18_cifar", student_kwargs=student_kwargs, objectives=("feature", "seed"),
         epochs=settings["epochs"], batch_size=settings["batch_size"], cache_views=settings["distill_cache_views"],
         warmup_epochs=min(1.0, settings["epochs"] / 5), device=args.device, init=settings["init"],
@@ -402,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary["inc_vs_ort"] = None
         summary["inc_skipped"] = reason
+    ready = None
+    if not args.validation:  # the final bundle ships adapt-tune's settings, as `edge-ssl compress`'s
+        t0 = time.perf_counter()
+        ready = adapt_ready_bundle(Bundle.open(Path(int8["bundle"])), knn, log)
+        timings["adapt_ready_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     result = {
         "command": "python benchmarks/compress.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -418,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": None if found is None else found.to_dict()["candidates"],
         "latency_conditions": latency_conditions,
         "summary": summary,
-        "final_bundle": {"path": int8["bundle"], "manifest_sha256": int8["manifest_sha256"]},
+        "final_bundle": final_bundle(int8, ready),
         "settings": settings,
         "timings": timings,
         "environment": describe_environment(),

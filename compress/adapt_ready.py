@@ -23,27 +23,36 @@ HINT = ("run `edge-ssl adapt-tune` on the bundle with labeled images for tuned s
 
 
 def make_adapt_ready(result: Any, knn: Any | None, say: Callable[[str], None]) -> None:
-    """Tune adaptation for ``result.bundle`` on the labeled kNN images (bank + test) and replace
-    it, in place at its path, by the same bundle plus ``adapt_settings.json`` and
-    ``adapt_replay.npz`` (an ``adapt-tune`` lineage entry); ``result.bundle`` then points at it.
-    Without labeled images the bundle is left as it is, and that is said once."""
-    bundle = result.bundle
-    if bundle is None:
+    """Make ``result.bundle`` adaptation-ready (:func:`adapt_ready_bundle`) and point
+    ``result.bundle`` at the ready bundle, which also records the compress result."""
+    if result.bundle is None:
         return
+    ready = adapt_ready_bundle(result.bundle, knn, say)
+    if ready is not None:
+        result.bundle = ready
+        record_results(ready, "compress", result.to_dict())
+
+
+def adapt_ready_bundle(bundle: Bundle, knn: Any | None, say: Callable[[str], None]) -> Bundle | None:
+    """Tune adaptation for ``bundle`` on the labeled kNN images (bank first, then test; at most
+    MAX_TUNE_IMAGES) and replace it, in place at its path, by the same bundle plus
+    ``adapt_settings.json`` and ``adapt_replay.npz`` (an ``adapt-tune`` lineage entry); the
+    ready bundle. Without labeled images ``bundle`` is left as it is, that is said once, and
+    the answer is None."""
     if knn is None:
         say(f"adapt: no labeled --eval-data, so no adaptation settings shipped; {HINT}")
-        return
+        return None
     from edge_ssl.data.sources import ImageDataset
 
     images = np.concatenate([knn.bank_images, knn.test_images])[:MAX_TUNE_IMAGES]
     labels = np.concatenate([knn.bank_labels, knn.test_labels]).astype(np.int64)[:MAX_TUNE_IMAGES]
     labeled = ImageDataset(images, labels, None, "compress kNN images (bank + test)")
     payload, replay, replay_labels, lineage = _tune_or_defaults(bundle, labeled, say)
-    result.bundle = _replace(bundle, payload, replay, replay_labels, lineage)
+    ready = _replace(bundle, payload, replay, replay_labels, lineage)
     say(f"adapt: {payload['note']}; shipped adapt_settings.json"
         + ("" if replay is None else f" and {len(replay)} replay images"))
-    record_results(result.bundle, "compress", result.to_dict())
-    record_results(result.bundle, "adapt_ready", {k: v for k, v in payload.items() if k != "grid"})
+    record_results(ready, "adapt_ready", {k: v for k, v in payload.items() if k != "grid"})
+    return ready
 
 
 def _tune_or_defaults(bundle: Bundle, data: Any, say: Callable[[str], None]
