@@ -27,8 +27,8 @@ QUICK = {"unlabeled": 2000, "bank_per_file": 500, "test": 500, "width": 0.25, "i
          "cache_views": 2, "batch_size": 128, "prune_importance": "l2", "recovery_epochs": 0,
          "calibration_images": 128, "bench_seconds": 2.0, "prune_ratio": 0.5, "prune_steps": 1}
 FULL = {"unlabeled": None, "bank_per_file": None, "test": None, "width": 0.5, "init": "teacher", "epochs": 3,
-        "cache_views": 2, "batch_size": 256, "prune_importance": "taylor", "recovery_epochs": 2,
-        "calibration_images": 512, "bench_seconds": 5.0, "prune_ratio": 0.5, "prune_steps": 1}
+        "cache_views": 2, "batch_size": 256, "prune_importance": "taylor", "recovery_epochs": 5,
+        "calibration_images": 512, "bench_seconds": 5.0, "prune_ratio": 0.4, "prune_steps": 1}
 #: --validation: the last N labeled images of each train file are the kNN queries (and are
 #: left out of the bank and of the unlabeled training images); the test file is not read.
 VALIDATION_PER_FILE = 500
