@@ -145,10 +145,26 @@ def pool(folds: list[dict[str, dict]]) -> dict[str, dict]:
     return pooled
 
 
-def knn(encoder, bank_emb, bank_y, images, labels, k, device) -> float:
-    from edge_ssl.evaluate import embed, knn_top1
+def embed_model(model, images, device) -> np.ndarray:
+    """Embeddings of ``model``: a torch encoder, or a bundle as it is deployed (a quantized
+    bundle's ONNX graph through onnxruntime, a float one's weights)."""
+    from edge_ssl.bundle import Bundle
+    from edge_ssl.evaluate import embed
+    from edge_ssl.models import load_encoder
 
-    emb = embed(encoder, images, batch_size=256, device=device)
+    if isinstance(model, Bundle):
+        if model.manifest.precision in ("int8", "fp16") and model.has("model.onnx"):
+            from edge_ssl.compress.quantize import onnx_embed
+
+            return onnx_embed(model.path / "model.onnx", images, model.manifest.input)
+        model = load_encoder(model)
+    return embed(model, images, batch_size=256, device=device)
+
+
+def knn(model, bank_emb, bank_y, images, labels, k, device) -> float:
+    from edge_ssl.evaluate import knn_top1
+
+    emb = embed_model(model, images, device)
     return float(knn_top1(bank_emb, bank_y, emb, labels, k=k, num_classes=10))
 
 
@@ -172,7 +188,6 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
     from edge_ssl.adapt.api import adapt
     from edge_ssl.data.corruptions import corrupt
     from edge_ssl.data.sources import ImageDataset
-    from edge_ssl.models import load_encoder
 
     adapt_x = corrupt(split["adapt_x"], name, args.severity, seed=args.seed)
     eval_x = corrupt(split["eval_x"], name, args.severity, seed=args.seed + 1)
@@ -182,16 +197,16 @@ def run_corruption(name, split, deployed, bank, args, config, workdir) -> dict[s
                    workdir / f"{name}.edge", config, export="never", replay=split.get("replay_x"),
                    replay_labels=split.get("replay_y"))
     seconds = time.perf_counter() - started
-    adapted_encoder = load_encoder(result.bundle)
+    # what each of the guard's choices scores (float weights: an INT8 result is quantized after the choice)
     candidates = {n: knn(m, *bank, eval_x, split["eval_y"], args.knn_k, args.device)
-                  for n, m in result.candidates.items()}  # what each of the guard's choices scores
+                  for n, m in result.candidates.items()}
     return {
         "kept": None if result.selection is None else result.selection["kept"],
         "selection": result.selection, "candidates_knn": candidates,
         "best_candidate": max(candidates, key=candidates.get) if candidates else None,
         "shifted": shifted,
-        "adapted": knn(adapted_encoder, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
-        "clean_after": knn(adapted_encoder, *bank, split["eval_x"], split["eval_y"], args.knn_k,
+        "adapted": knn(result.bundle, *bank, eval_x, split["eval_y"], args.knn_k, args.device),
+        "clean_after": knn(result.bundle, *bank, split["eval_x"], split["eval_y"], args.knn_k,
                            args.device),
         "steps": result.steps_done, "stopped": result.stopped, "plan": result.plan,
         "agreement_after": result.agreement_after, "sec_per_step": result.seconds_per_step,
@@ -291,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_ssl.commands.common import parse_key_values
     from edge_ssl.environment import describe_environment
     from edge_ssl.evaluate import embed
+    from edge_ssl.lineage import require_float_weights
     from edge_ssl.models import load_encoder
 
     started = time.perf_counter()
@@ -305,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(args.data, args.quick)
     if args.replay:
         split["replay_x"], split["replay_y"] = replay_from_bank(split, args.replay, args.seed)
-    deployed = load_encoder(bundle)
-    bank = (embed(deployed, split["bank_x"], batch_size=256, device=args.device), split["bank_y"])
+    # the deployed model is the bundle as it runs (INT8 through onnxruntime); AdaBN alone and
+    # the memory ratio work on its float weights
+    weights = load_encoder(require_float_weights(bundle, "the adapt benchmark"))
+    deployed = bundle if bundle.manifest.precision in ("int8", "fp16") else weights
+    bank = (embed_model(deployed, split["bank_x"], args.device), split["bank_y"])
+    float_bank = bank if deployed is weights else (embed(weights, split["bank_x"], batch_size=256,
+                                                         device=args.device), split["bank_y"])
     parts = [split, swap_halves(split)] if args.swap_halves else [split]
     folds, prior_folds, cleans = [], [], []
     with tempfile.TemporaryDirectory(prefix="adapt-bench-") as tmp:
@@ -324,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             folds.append(rows)
             cleans.append(clean)
             if args.bn_priors:
-                prior_folds.append(bn_prior_rows(part, deployed, bank, args, clean, config.bn_depth))
+                float_clean = clean if deployed is weights else knn(weights, *float_bank, part["eval_x"],
+                                                                    part["eval_y"], args.knn_k, args.device)
+                prior_folds.append(bn_prior_rows(part, weights, float_bank, args, float_clean, config.bn_depth))
     clean = float(np.mean(cleans))
     eval_images = len(split["eval_x"]) * len(parts)
     rows = pool(folds)
@@ -334,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_ssl.adapt.replay import load_replay
 
         replay = split["replay_x"] if "replay_x" in split else load_replay(bundle)
-    memory = memory_ratio(deployed, first["plan"], first["_images"], config, replay)
+    memory = memory_ratio(weights, first["plan"], first["_images"], config, replay)
     report = {
         "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "corruptions": {n: {k: v for k, v in r.items() if k != "_images"} for n, r in rows.items()},
@@ -352,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                      "swap_halves": args.swap_halves, "replay_images": 0 if replay is None else len(replay),
                      "bank_images": len(split["bank_x"]), "knn_k": args.knn_k,
                      "bank": "clean train images, embedded once by the deployed model",
+                     "deployed": (f"{bundle.manifest.precision} graph through onnxruntime CPU (AdaBN-alone "
+                                  "rows and candidates_knn: float weights)" if deployed is bundle
+                                  else "float weights"),
                      "config": {k: v for k, v in vars(config).items()},
                      "bundle_settings": tuned or None},
         "targets": {"recovery_frac": ">= 0.5", "clean_drop_pts": "<= 1", "peak_mem_ratio": "<= 0.35"},
